@@ -1,12 +1,33 @@
-"""clipforge: a fast, faithful PyTorch implementation of CLIP (Radford et al. 2021)."""
+"""clipforge: a fast, faithful PyTorch implementation of CLIP (Radford et al. 2021).
 
-from clipforge.config import ModelConfig, get_model_config, list_models
+Public API::
+
+    model = clipforge.create_model("ViT-B-32")            # or load_checkpoint(path)
+    tokenizer = clipforge.get_tokenizer(model)             # CLIP BPE, context length from the model
+    preprocess = clipforge.get_transforms(model)           # PIL image -> normalised tensor
+    out = model(images, tokenizer(["a photo of a cat"]))   # CLIPOutput(image_features, text_features, logit_scale)
+"""
 
 __version__ = "0.1.0"
 
+from clipforge.checkpoint import export_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from clipforge.config import ModelConfig, get_model_config, list_models  # noqa: E402
+from clipforge.model import CLIP, CLIPOutput, create_model  # noqa: E402
+from clipforge.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
+from clipforge.transforms import get_transforms  # noqa: E402
+
 __all__ = [
+    "CLIP",
+    "CLIPOutput",
     "ModelConfig",
+    "Tokenizer",
     "__version__",
+    "create_model",
+    "export_checkpoint",
     "get_model_config",
+    "get_tokenizer",
+    "get_transforms",
     "list_models",
+    "load_checkpoint",
+    "save_checkpoint",
 ]

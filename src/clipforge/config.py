@@ -221,7 +221,9 @@ def validate(config: ModelConfig) -> ModelConfig:
             raise ConfigError(f"config '{name}': {key} must be positive, got {value}")
     if v.arch == "vit":
         if not isinstance(v.layers, int) or v.layers <= 0:
-            raise ConfigError(f"config '{name}': vision.layers must be a positive int for a ViT, got {v.layers!r}")
+            raise ConfigError(
+                f"config '{name}': vision.layers must be a positive int for a ViT, got {v.layers!r}"
+            )
         if not v.patch_size or v.patch_size <= 0:
             raise ConfigError(f"config '{name}': vision.patch_size must be set for a ViT")
         if v.image_size % v.patch_size:
@@ -239,7 +241,9 @@ def validate(config: ModelConfig) -> ModelConfig:
                 f"config '{name}': vision.layers must be 4 positive stage depths for a ResNet, got {v.layers!r}"
             )
         if v.image_size % 32:
-            raise ConfigError(f"config '{name}': a ResNet needs vision.image_size divisible by 32, got {v.image_size}")
+            raise ConfigError(
+                f"config '{name}': a ResNet needs vision.image_size divisible by 32, got {v.image_size}"
+            )
         if (v.width * 32) % v.head_width:
             raise ConfigError(f"config '{name}': vision.width*32 must be a multiple of vision.head_width")
     if t.width % t.heads:
@@ -288,7 +292,7 @@ def load_config_file(path: str | Path) -> ModelConfig:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+    except Exception as exc:
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields at the top level")

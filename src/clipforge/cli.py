@@ -1,0 +1,149 @@
+"""The ``clipforge`` command: one sub-command per job. Each parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from clipforge.checkpoint import FORMATS, CheckpointError
+
+log = logging.getLogger("clipforge")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from clipforge.config import get_model_config, list_models
+
+    for name in list_models():
+        config = get_model_config(name)
+        v, t = config.vision, config.text
+        tower = f"ViT-{v.width}x{v.layers}/{v.patch_size}" if v.arch == "vit" else f"ResNet{list(v.layers)}x{v.width}"
+        print(f"{name:14s} {tower:22s} {v.image_size:4d}px  text {t.width}x{t.layers}  embed {config.embed_dim}  "
+              f"{config.activation}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from clipforge.checkpoint import export_checkpoint, load_checkpoint
+
+    start = time.perf_counter()
+    model = load_checkpoint(args.src, format=args.from_format, config=args.model, activation=args.activation)
+    out = export_checkpoint(model, args.dst, to=args.to)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} -> {out} ({args.to}): {model.config.name}, {params:,} parameters, "
+          f"{model.config.activation}, {time.perf_counter() - start:.1f}s")
+    if args.to == "open_clip" and out.is_dir():
+        print(f"load it with: open_clip.create_model_and_transforms('local-dir:{out}')")
+    if args.to == "hf":
+        print(f"load it with: transformers.CLIPModel.from_pretrained('{out}')")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from clipforge.checkpoint import read_weights
+
+    loaded = read_weights(args.checkpoint, format=args.from_format, config=args.model, activation=args.activation)
+    params = sum(t.numel() for t in loaded.state_dict.values())
+    info = {
+        "path": str(loaded.path),
+        "format": loaded.format,
+        "parameters": params,
+        "config": loaded.config.to_dict(),
+        "ignored_entries": loaded.dropped,
+        "metadata": {k: v for k, v in loaded.metadata.items() if k != "config"},
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from clipforge import create_model, get_tokenizer, get_transforms
+    from clipforge.images import load_image
+
+    torch.manual_seed(0)
+    model = create_model(args.model).eval()
+    tokenizer, transform = get_tokenizer(model), get_transforms(model)
+    if args.image:
+        image, source = load_image(args.image), args.image
+    else:
+        size = 256
+        ramp = torch.linspace(0, 255, size).to(torch.uint8)
+        pixels = torch.stack([ramp.expand(size, size), ramp.expand(size, size).t(), torch.full((size, size), 90)], -1)
+        image, source = Image.fromarray(pixels.to(torch.uint8).numpy()), "a generated 256x256 gradient"
+    labels = ["a photo of a cat.", "a photo of a dog.", "a diagram."]
+    images = transform(image).unsqueeze(0)
+    tokens = tokenizer(labels)
+    with torch.no_grad():
+        out = model(images, tokens)
+    probs = (out.logit_scale * out.image_features @ out.text_features.T).softmax(dim=-1)[0]
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model        {model.config.name}: {params:,} parameters (random weights), {model.config.activation}")
+    print(f"image        {source} -> tensor {tuple(images.shape)}")
+    print(f"tokens       {len(labels)} prompts -> {tuple(tokens.shape)}; first: {tokens[0, :8].tolist()}")
+    print(f"embeddings   image {tuple(out.image_features.shape)}, text {tuple(out.text_features.shape)}")
+    print(f"logit scale  {out.logit_scale.item():.2f} (1/0.07 at initialisation)")
+    for label, p in zip(labels, probs.tolist()):
+        print(f"  p({label!r}) = {p:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipforge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the named architectures")
+    p.set_defaults(func=_cmd_models)
+
+    def add_source_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--from", dest="from_format", default="auto", choices=["auto", *FORMATS],
+                       help="source format (default: detected from the file)")
+        p.add_argument("--model", default=None,
+                       help="architecture name or config file, for bare state dicts that do not describe themselves")
+        p.add_argument("--activation", default=None, choices=["quick_gelu", "gelu"],
+                       help="activation of OpenAI/open_clip-layout state dicts (not recorded in those files)")
+
+    p = sub.add_parser("convert", help="convert a checkpoint between clipforge, OpenAI, open_clip and HF formats")
+    p.add_argument("src", help="checkpoint file or folder")
+    p.add_argument("dst", help="output file (clipforge, openai, open_clip .safetensors/.pt) or folder (hf, open_clip)")
+    p.add_argument("--to", required=True, choices=FORMATS)
+    add_source_options(p)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("info", help="print what a checkpoint holds (format, architecture, parameter count)")
+    p.add_argument("checkpoint")
+    add_source_options(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="build a model, tokenize, preprocess one image, print shapes")
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--image", default=None, help="an image file (default: a generated gradient)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Path", "build_parser", "main"]

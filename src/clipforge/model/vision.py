@@ -1,0 +1,61 @@
+"""The ViT image tower: patch convolution, class token, learned positions, pre-LN transformer, projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipforge.config import VisionConfig
+from clipforge.model.layers import Transformer, resample_grid_pos_embed
+
+
+class VisionTransformer(nn.Module):
+    """Images [B, 3, S, S] -> embeddings [B, embed_dim] (the class token after ``norm_post``, projected)."""
+
+    def __init__(self, config: VisionConfig, embed_dim: int, activation: str) -> None:
+        super().__init__()
+        assert config.patch_size is not None and isinstance(config.layers, int)
+        width = config.width
+        self.patch_size = config.patch_size
+        self.grid_size = config.image_size // config.patch_size
+        self.patch_embed = nn.Conv2d(
+            3, width, kernel_size=self.patch_size, stride=self.patch_size, bias=False
+        )
+        self.class_token = nn.Parameter(torch.empty(width))
+        self.pos_embed = nn.Parameter(torch.empty(self.grid_size**2 + 1, width))
+        self.norm_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, config.layers, config.heads, config.mlp_ratio, activation)
+        self.norm_post = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        scale = self.class_token.shape[0] ** -0.5
+        nn.init.normal_(self.class_token, std=scale)
+        nn.init.normal_(self.pos_embed, std=scale)
+        nn.init.normal_(self.proj.weight, std=scale)
+        self.transformer.init_weights()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)  # [B, W, g, g]
+        batch, width, grid_h, grid_w = x.shape
+        if grid_h * grid_w + 1 != self.pos_embed.shape[0]:
+            raise ValueError(
+                f"images of {images.shape[-2]}x{images.shape[-1]} px give a {grid_h}x{grid_w} patch grid, but the "
+                f"model expects {self.grid_size}x{self.grid_size} "
+                f"({self.grid_size * self.patch_size} px); resize the images or call model.resize_image(size)"
+            )
+        x = x.flatten(2).transpose(1, 2)  # [B, g*g, W]
+        class_token = self.class_token.to(x.dtype).expand(batch, 1, width)
+        x = torch.cat([class_token, x], dim=1) + self.pos_embed.to(x.dtype)
+        x = self.transformer(self.norm_pre(x))
+        return self.proj(self.norm_post(x[:, 0]))
+
+    @torch.no_grad()
+    def resize_image(self, image_size: int) -> None:
+        """Resample the position embedding for ``image_size`` px inputs (bicubic on the patch grid)."""
+        if image_size % self.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {self.patch_size}")
+        new_grid = image_size // self.patch_size
+        self.pos_embed = nn.Parameter(resample_grid_pos_embed(self.pos_embed.data, new_grid))
+        self.grid_size = new_grid
