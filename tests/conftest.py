@@ -12,7 +12,9 @@ from clipforge.config import ModelConfig, get_model_config, merge
 torch.set_num_threads(2)
 
 
-def reduced_config(name: str, activation: str | None = None, vision_layers=None, text_layers=None) -> ModelConfig:
+def reduced_config(
+    name: str, activation: str | None = None, vision_layers=None, text_layers=None
+) -> ModelConfig:
     """A named config with optionally fewer layers (same widths, heads, sizes) to keep parity tests fast."""
     config = get_model_config(name)
     overrides: dict = {}
@@ -39,7 +41,9 @@ def open_clip_model(config: ModelConfig):
     base = open_clip.get_model_config(config.name.split("@")[0])
     assert base is not None, f"open_clip has no config named {config.name}"
     vision_cfg, text_cfg = dict(base["vision_cfg"]), dict(base["text_cfg"])
-    vision_cfg["layers"] = list(config.vision.layers) if config.vision.arch == "resnet" else config.vision.layers
+    vision_cfg["layers"] = (
+        list(config.vision.layers) if config.vision.arch == "resnet" else config.vision.layers
+    )
     text_cfg["layers"] = config.text.layers
     model = OpenClipCLIP(
         base["embed_dim"], vision_cfg, text_cfg, quick_gelu=config.activation == "quick_gelu"

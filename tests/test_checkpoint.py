@@ -63,9 +63,14 @@ def test_mismatched_architecture_names_key_and_shapes(tmp_path):
         load_weights(create_model("small"), weights.state_dict, source=path)
     message = str(err.value)
     assert "tiny.safetensors" in message
-    assert "weight 'visual.class_token' has shape (128,) in the checkpoint but (192,) in model 'small'" in message
+    assert (
+        "weight 'visual.class_token' has shape (128,) in the checkpoint but (192,) in model 'small'"
+        in message
+    )
 
-    with pytest.raises(CheckpointError, match=r"'visual.transformer.blocks.4.norm1.weight' \(shape \(128,\)\) is missing"):
+    with pytest.raises(
+        CheckpointError, match=r"'visual.transformer.blocks.4.norm1.weight' \(shape \(128,\)\) is missing"
+    ):
         load_weights(create_model("tiny", vision={"layers": 6}), weights.state_dict, source=path)
     with pytest.raises(CheckpointError, match=r"24 checkpoint weight\(s\) have no place.*blocks.2"):
         load_weights(create_model("tiny", vision={"layers": 2}), weights.state_dict, source=path)
@@ -88,7 +93,9 @@ def test_openai_layout_without_activation_is_refused(tmp_path):
     model = create_model(reduced_config("ViT-B-32", "quick_gelu", 1, 1))
     path = tmp_path / "state.pt"
     torch.save(to_openai(model.state_dict(), model.config), path)
-    with pytest.raises(CheckpointError, match=r"state.pt: the activation cannot be read.*activation='quick_gelu'"):
+    with pytest.raises(
+        CheckpointError, match=r"state.pt: the activation cannot be read.*activation='quick_gelu'"
+    ):
         load_checkpoint(path)
     assert load_checkpoint(path, activation="gelu").config.activation == "gelu"
     assert load_checkpoint(path, config=model.config).config.activation == "quick_gelu"
@@ -131,7 +138,11 @@ def test_round_trip_through_open_clip_folder_and_files(tmp_path, name):
 def test_round_trip_through_hf_folder(tmp_path):
     model = create_model("tiny").eval()
     folder = export_checkpoint(model, tmp_path / "hf", to="hf")
-    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    assert {p.name for p in folder.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    }
     back = load_checkpoint(folder)
     assert back.config.vision == model.config.vision and back.config.text == model.config.text
     assert_same_weights(model, back)
@@ -156,6 +167,7 @@ def test_open_clip_training_checkpoint(tmp_path):
         assert (model.encode_text(tokens) - reference.encode_text(tokens)).abs().max() <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning")
 def test_torchscript_archive_like_openai_release(tmp_path):
     """OpenAI ships TorchScript archives; clipforge reads their tensors without running their code."""
     config = reduced_config("ViT-B-32", "quick_gelu", 1, 1)
@@ -221,7 +233,9 @@ def test_bad_files_give_clear_errors(tmp_path):
 def test_cli_convert_and_info(tmp_path, capsys):
     src = save_checkpoint(create_model("tiny"), tmp_path / "tiny.safetensors")
     assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "again.safetensors"), "--to", "clipforge"]) == 0
+    assert (
+        main(["convert", str(tmp_path / "hf"), str(tmp_path / "again.safetensors"), "--to", "clipforge"]) == 0
+    )
     assert_same_weights(load_checkpoint(src), load_checkpoint(tmp_path / "again.safetensors"))
     capsys.readouterr()
     assert main(["info", str(src)]) == 0

@@ -148,7 +148,9 @@ def test_torchscript_vit_matches_jit_state_dict(scripted_vit: Path) -> None:
     assert "attn_mask" in raw.tensors  # a buffer: TorchScript keeps non-persistent buffers in its state dict
     assert raw.metadata["context_length"] == "16"
     # TorchScript mangles class names ("___torch_mangle_N.CLIP") when a process scripts several variants.
-    assert re.fullmatch(r"__torch__\.open_clip\.model\.(___torch_mangle_\d+\.)?CLIP", raw.metadata["torchscript.class"])
+    assert re.fullmatch(
+        r"__torch__\.open_clip\.model\.(___torch_mangle_\d+\.)?CLIP", raw.metadata["torchscript.class"]
+    )
 
 
 def test_torchscript_fp16_modified_resnet_matches_jit_state_dict(tmp_path: Path) -> None:

@@ -11,7 +11,17 @@ from clipforge.config import ConfigError, get_model_config, list_models, merge
 from clipforge.model import CLIP, CLIPOutput, create_model
 from tests.conftest import random_images, random_tokens
 
-PAPER_MODELS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
+PAPER_MODELS = [
+    "RN50",
+    "RN101",
+    "RN50x4",
+    "RN50x16",
+    "RN50x64",
+    "ViT-B-32",
+    "ViT-B-16",
+    "ViT-L-14",
+    "ViT-L-14-336",
+]
 
 
 def test_registry_lists_paper_and_cpu_configs():

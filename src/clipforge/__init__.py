@@ -10,17 +10,18 @@ Public API::
 
 __version__ = "0.1.0"
 
-from clipforge.checkpoint import export_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from clipforge.config import ModelConfig, get_model_config, list_models  # noqa: E402
-from clipforge.model import CLIP, CLIPOutput, create_model  # noqa: E402
-from clipforge.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
-from clipforge.transforms import get_transforms  # noqa: E402
+from clipforge.checkpoint import export_checkpoint, load_checkpoint, save_checkpoint
+from clipforge.config import ModelConfig, get_model_config, list_models
+from clipforge.model import CLIP, CLIPOutput, create_model
+from clipforge.tokenizer import Tokenizer, TokenizerOverflowError, get_tokenizer
+from clipforge.transforms import get_transforms
 
 __all__ = [
     "CLIP",
     "CLIPOutput",
     "ModelConfig",
     "Tokenizer",
+    "TokenizerOverflowError",
     "__version__",
     "create_model",
     "export_checkpoint",

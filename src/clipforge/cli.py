@@ -21,9 +21,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for name in list_models():
         config = get_model_config(name)
         v, t = config.vision, config.text
-        tower = f"ViT-{v.width}x{v.layers}/{v.patch_size}" if v.arch == "vit" else f"ResNet{list(v.layers)}x{v.width}"
-        print(f"{name:14s} {tower:22s} {v.image_size:4d}px  text {t.width}x{t.layers}  embed {config.embed_dim}  "
-              f"{config.activation}")
+        tower = (
+            f"ViT-{v.width}x{v.layers}/{v.patch_size}"
+            if v.arch == "vit"
+            else f"ResNet{list(v.layers)}x{v.width}"
+        )
+        print(
+            f"{name:14s} {tower:26s} {v.image_size:4d}px  text {t.width}x{t.layers}  embed {config.embed_dim}  "
+            f"{config.activation}"
+        )
     return 0
 
 
@@ -34,8 +40,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.src, format=args.from_format, config=args.model, activation=args.activation)
     out = export_checkpoint(model, args.dst, to=args.to)
     params = sum(p.numel() for p in model.parameters())
-    print(f"converted {args.src} -> {out} ({args.to}): {model.config.name}, {params:,} parameters, "
-          f"{model.config.activation}, {time.perf_counter() - start:.1f}s")
+    print(
+        f"converted {args.src} -> {out} ({args.to}): {model.config.name}, {params:,} parameters, "
+        f"{model.config.activation}, {time.perf_counter() - start:.1f}s"
+    )
     if args.to == "open_clip" and out.is_dir():
         print(f"load it with: open_clip.create_model_and_transforms('local-dir:{out}')")
     if args.to == "hf":
@@ -46,7 +54,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from clipforge.checkpoint import read_weights
 
-    loaded = read_weights(args.checkpoint, format=args.from_format, config=args.model, activation=args.activation)
+    loaded = read_weights(
+        args.checkpoint, format=args.from_format, config=args.model, activation=args.activation
+    )
     params = sum(t.numel() for t in loaded.state_dict.values())
     info = {
         "path": str(loaded.path),
@@ -75,7 +85,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     else:
         size = 256
         ramp = torch.linspace(0, 255, size).to(torch.uint8)
-        pixels = torch.stack([ramp.expand(size, size), ramp.expand(size, size).t(), torch.full((size, size), 90)], -1)
+        pixels = torch.stack(
+            [ramp.expand(size, size), ramp.expand(size, size).t(), torch.full((size, size), 90)], -1
+        )
         image, source = Image.fromarray(pixels.to(torch.uint8).numpy()), "a generated 256x256 gradient"
     labels = ["a photo of a cat.", "a photo of a dog.", "a diagram."]
     images = transform(image).unsqueeze(0)
@@ -84,7 +96,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out = model(images, tokens)
     probs = (out.logit_scale * out.image_features @ out.text_features.T).softmax(dim=-1)[0]
     params = sum(p.numel() for p in model.parameters())
-    print(f"model        {model.config.name}: {params:,} parameters (random weights), {model.config.activation}")
+    print(
+        f"model        {model.config.name}: {params:,} parameters (random weights), {model.config.activation}"
+    )
     print(f"image        {source} -> tensor {tuple(images.shape)}")
     print(f"tokens       {len(labels)} prompts -> {tuple(tokens.shape)}; first: {tokens[0, :8].tolist()}")
     print(f"embeddings   image {tuple(out.image_features.shape)}, text {tuple(out.text_features.shape)}")
@@ -103,16 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     def add_source_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--from", dest="from_format", default="auto", choices=["auto", *FORMATS],
-                       help="source format (default: detected from the file)")
-        p.add_argument("--model", default=None,
-                       help="architecture name or config file, for bare state dicts that do not describe themselves")
-        p.add_argument("--activation", default=None, choices=["quick_gelu", "gelu"],
-                       help="activation of OpenAI/open_clip-layout state dicts (not recorded in those files)")
+        p.add_argument(
+            "--from",
+            dest="from_format",
+            default="auto",
+            choices=["auto", *FORMATS],
+            help="source format (default: detected from the file)",
+        )
+        p.add_argument(
+            "--model",
+            default=None,
+            help="architecture name or config file, for bare state dicts that do not describe themselves",
+        )
+        p.add_argument(
+            "--activation",
+            default=None,
+            choices=["quick_gelu", "gelu"],
+            help="activation of OpenAI/open_clip-layout state dicts (not recorded in those files)",
+        )
 
-    p = sub.add_parser("convert", help="convert a checkpoint between clipforge, OpenAI, open_clip and HF formats")
+    p = sub.add_parser(
+        "convert", help="convert a checkpoint between clipforge, OpenAI, open_clip and HF formats"
+    )
     p.add_argument("src", help="checkpoint file or folder")
-    p.add_argument("dst", help="output file (clipforge, openai, open_clip .safetensors/.pt) or folder (hf, open_clip)")
+    p.add_argument(
+        "dst", help="output file (clipforge, openai, open_clip .safetensors/.pt) or folder (hf, open_clip)"
+    )
     p.add_argument("--to", required=True, choices=FORMATS)
     add_source_options(p)
     p.set_defaults(func=_cmd_convert)
@@ -131,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except CheckpointError as exc:
