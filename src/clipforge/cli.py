@@ -52,12 +52,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     from clipforge.checkpoint import read_weights
+    from clipforge.model import CLIP
 
     loaded = read_weights(
         args.checkpoint, format=args.from_format, config=args.model, activation=args.activation
     )
-    params = sum(t.numel() for t in loaded.state_dict.values())
+    with torch.device("meta"):  # counts parameters, not buffers such as BatchNorm statistics, without memory
+        params = sum(p.numel() for p in CLIP(loaded.config).parameters())
     info = {
         "path": str(loaded.path),
         "format": loaded.format,
