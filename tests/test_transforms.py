@@ -285,3 +285,13 @@ def test_repr_names_the_settings():
     assert "resize_mode='shortest'" in repr(get_transforms("tiny"))
     text = repr(get_transforms("tiny", train=True))
     assert text.startswith("TrainTransform(") and "scale=(0.9, 1.0)" in text
+
+
+def test_train_transform_per_call_generator_overrides_global_rng():
+    image = Image.new("RGB", (97, 61), (10, 200, 30))
+    image.putpixel((5, 5), (255, 0, 0))
+    transform = clipforge.get_transforms("tiny", train=True)
+    first = transform(image, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(123)  # the global RNG must not matter when a generator is passed
+    again = transform(image, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)

@@ -234,15 +234,22 @@ class TrainTransform(_Transform):
         self.generator = generator
         self._owner_pid = os.getpid()
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``generator`` (per call) overrides the transform's own: the data pipeline seeds one per sample
+        position, so crops do not depend on which worker decodes a sample."""
+        if generator is not None:
+            return self._apply(img, generator)
         if self.generator is not None and os.getpid() != self._owner_pid:
             raise RuntimeError(
                 "TrainTransform holds a torch.Generator but is running in another process (e.g. a DataLoader "
                 "worker), where every copy would repeat the same crops; build it with generator=None so each "
                 "worker uses its own torch seed"
             )
+        return self._apply(img, self.generator)
+
+    def _apply(self, img: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
         img = self._prepare(img)
-        left, top, width, height = random_resized_crop_box(*img.size, self.scale, self.ratio, self.generator)
+        left, top, width, height = random_resized_crop_box(*img.size, self.scale, self.ratio, generator)
         size = self.image_size
         img = resize(_crop(img, left, top, width, height), (size, size), self.preprocess.interpolation)
         return self._to_tensor(img)
