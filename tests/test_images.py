@@ -325,3 +325,29 @@ def test_bomb_guard_override_is_thread_safe(tmp_path, monkeypatch):
         thread.join()
     assert not errors
     assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_load_errors_carry_a_reason_for_skip_counts(tmp_path):
+    import pickle
+
+    from clipforge.images import ImageLoadError, load_image
+
+    cases = {
+        "missing": tmp_path / "nope.png",
+        "empty": tmp_path / "empty.png",
+        "not_image": tmp_path / "page.html",
+        "corrupt": tmp_path / "cut.png",
+    }
+    cases["empty"].write_bytes(b"")
+    cases["not_image"].write_text("<html>404</html>")
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
+    cases["corrupt"].write_bytes(good.read_bytes()[:60])
+    for reason, path in cases.items():
+        with pytest.raises(ImageLoadError) as err:
+            load_image(path)
+        assert err.value.reason == reason, path
+        assert pickle.loads(pickle.dumps(err.value)).reason == reason
+    with pytest.raises(ImageLoadError) as err:
+        load_image(good, max_pixels=100)
+    assert err.value.reason == "too_large"

@@ -34,7 +34,7 @@ import re
 import threading
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -50,7 +50,18 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class ImageLoadError(ValueError):
-    """An image could not be loaded; the message names the file, says why, and what to do about it."""
+    """An image could not be loaded; the message names the file, says why, and what to do about it.
+
+    ``reason`` is a short category for counting skipped samples: ``missing``, ``empty``, ``not_image``,
+    ``corrupt``, ``too_large`` or ``unreadable``.
+    """
+
+    def __init__(self, message: str, reason: str = "unreadable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep ``reason`` across processes (DataLoader workers)
+        return (type(self), (str(self), self.reason))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,7 +161,9 @@ def load_image(
             return _decode(file, label, fill_color, max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise ImageLoadError(f"{label}: no data (0 bytes); the download or read that produced it failed")
+            raise ImageLoadError(
+                f"{label}: no data (0 bytes); the download or read that produced it failed", reason="empty"
+            )
         return _decode(io.BytesIO(source), label, fill_color, max_pixels)
     if hasattr(source, "read"):
         seekable = getattr(source, "seekable", None)
@@ -182,15 +195,19 @@ def _open_file(path: Path, label: str) -> BinaryIO:
             )
         file = open(path, "rb")  # noqa: SIM115 - closed by the caller's with-block
     except FileNotFoundError:
-        raise ImageLoadError(f"{label}: file not found; check the path (and the working directory)") from None
+        raise ImageLoadError(
+            f"{label}: file not found; check the path (and the working directory)", reason="missing"
+        ) from None
     except OSError as exc:
         raise ImageLoadError(
-            f"{label}: cannot open the file ({exc.strerror or exc}); check that it exists and is readable"
+            f"{label}: cannot open the file ({exc.strerror or exc}); check that it exists and is readable",
+            reason="unreadable",
         ) from exc
     if os.fstat(file.fileno()).st_size == 0:
         file.close()
         raise ImageLoadError(
-            f"{label}: file is empty (0 bytes); re-create or re-download it, or drop it from the dataset"
+            f"{label}: file is empty (0 bytes); re-create or re-download it, or drop it from the dataset",
+            reason="empty",
         )
     return file
 
@@ -204,7 +221,7 @@ def _decode(
         pixels = _pixels_from_pillow_message(str(exc))
         if pixels is not None and (max_pixels is None or pixels <= max_pixels):
             return _open_with_pillow_limit(file, label, fill_color, max_pixels, pixels)
-        raise ImageLoadError(_too_large_message(label, pixels, max_pixels)) from None
+        raise ImageLoadError(_too_large_message(label, pixels, max_pixels), reason="too_large") from None
 
 
 def _open_and_convert(
@@ -215,10 +232,13 @@ def _open_and_convert(
         image = Image.open(file)
     except UnidentifiedImageError:
         if _stream_is_empty(file):
-            raise ImageLoadError(f"{label}: file is empty (0 bytes); re-create or re-download it") from None
+            raise ImageLoadError(
+                f"{label}: file is empty (0 bytes); re-create or re-download it", reason="empty"
+            ) from None
         raise ImageLoadError(
             f"{label}: not an image Pillow can read (unknown format, or a damaged header); check that the file "
-            "really is an image (not an HTML error page or text), or drop it from the dataset"
+            "really is an image (not an HTML error page or text), or drop it from the dataset",
+            reason="not_image",
         ) from None
     except _PASS_THROUGH:
         raise
@@ -227,7 +247,9 @@ def _open_and_convert(
     with image:
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:
-            raise ImageLoadError(_too_large_message(label, width * height, max_pixels, (width, height)))
+            raise ImageLoadError(
+                _too_large_message(label, width * height, max_pixels, (width, height)), reason="too_large"
+            )
         try:
             image.load()
         except _PASS_THROUGH:
@@ -240,7 +262,8 @@ def _open_and_convert(
         except (OSError, ValueError) as exc:
             raise ImageLoadError(
                 f"{label}: decoded as mode {image.mode!r} but could not be converted to RGB ({exc}); "
-                "convert it to a common format (PNG/JPEG) first"
+                "convert it to a common format (PNG/JPEG) first",
+                reason="unreadable",
             ) from exc
 
 
@@ -251,7 +274,8 @@ _PASS_THROUGH = (Image.DecompressionBombError, MemoryError)
 def _corrupt(label: str, part: str, exc: Exception) -> ImageLoadError:
     return ImageLoadError(
         f"{label}: the image {part} is truncated or corrupt ({type(exc).__name__}: {exc}); re-download or "
-        "re-encode the file, or drop it from the dataset"
+        "re-encode the file, or drop it from the dataset",
+        reason="corrupt",
     )
 
 
@@ -279,7 +303,8 @@ def _open_with_pillow_limit(
             return _open_and_convert(file, label, fill_color, max_pixels)
         except Image.DecompressionBombError as exc:  # e.g. a later GIF/TIFF frame larger than the header says
             raise ImageLoadError(
-                _too_large_message(label, _pixels_from_pillow_message(str(exc)), max_pixels)
+                _too_large_message(label, _pixels_from_pillow_message(str(exc)), max_pixels),
+                reason="too_large",
             ) from None
         finally:
             if pixels == Image.MAX_IMAGE_PIXELS:
