@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clipforge.checkpoint import FORMATS, CheckpointError
+from clipforge.distributed import DistributedError
+from clipforge.train import TrainingError
 
 log = logging.getLogger("clipforge")
 
@@ -112,6 +114,100 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Shortcut flags of `clipforge train` and the config keys they set (everything else: --set key=value).
+_TRAIN_SHORTCUTS = {
+    "model": "model",
+    "data": "data.train",
+    "batch_size": "data.batch_size",
+    "workers": "data.num_workers",
+    "steps": "steps",
+    "epochs": "epochs",
+    "lr": "optim.lr",
+    "warmup": "optim.warmup_steps",
+    "precision": "precision",
+    "accum_steps": "accum_steps",
+    "seed": "seed",
+    "output_dir": "run.output_dir",
+    "name": "run.name",
+    "checkpoint_every": "run.checkpoint_every",
+    "init_from": "init_from",
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from clipforge.train import resolve_train_config, train
+    from clipforge.train.config import parse_override
+
+    overrides = dict(parse_override(o) for o in args.set)
+    for flag, key in _TRAIN_SHORTCUTS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    if args.resume:
+        resume = args.resume
+        if resume == "latest":
+            if "run.name" not in overrides:
+                print(
+                    "error: --resume latest needs --name (the run folder's name) to find the run",
+                    file=sys.stderr,
+                )
+                return 2
+            resume = str(Path(overrides.get("run.output_dir", "runs")) / overrides["run.name"])
+        overrides.pop("run.name", None)
+        overrides.pop("run.output_dir", None)
+        summary = train(resume=resume, overrides=overrides)
+    else:
+        summary = train(resolve_train_config(args.config, overrides))
+    if summary.model_path:
+        print(f"run folder: {summary.run_dir}")
+        print(f"model:      {summary.model_path}")
+        print(f"summary:    {Path(summary.run_dir) / 'summary.json'}")
+    return 0
+
+
+def _cmd_data_shards(args: argparse.Namespace) -> int:
+    from clipforge.data.sources import open_source, source_notes, write_shards
+
+    options = {
+        k: v
+        for k, v in {
+            "image_column": args.image_column,
+            "caption_column": args.caption_column,
+            "caption_separator": args.caption_separator,
+            "root": args.root,
+        }.items()
+        if v is not None
+    }
+    if args.report_bad_rows:
+        options["on_bad_row"] = "report"
+    source = open_source(args.src, **options)
+    for note in source_notes(source):
+        print(f"note: {note}", file=sys.stderr)
+    manifest = write_shards(
+        source,
+        args.out,
+        prefix=args.prefix,
+        max_bytes=int(args.max_shard_mb * 2**20),
+        max_samples=args.max_samples,
+        resize=args.resize,
+        jpeg_quality=args.jpeg_quality,
+        num_workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    dropped = sum(n for r, n in manifest.dropped.items() if r != "empty_caption_text")
+    print(f"wrote {manifest.num_samples:,} samples in {len(manifest.shards)} shards to {args.out}")
+    print(f"dropped {dropped:,} inputs" + (":" if manifest.dropped else ""))
+    for reason, n in sorted(manifest.dropped.items()):
+        print(f"  {reason:<24} {n:,}")
+    if manifest.oversized_samples:
+        print(
+            f"{manifest.oversized_samples} samples were larger than --max-shard-mb alone (each in its own shard)"
+        )
+    print(f"manifest: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipforge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
@@ -156,6 +252,74 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_options(p)
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser(
+        "train",
+        help="contrastive pretraining (torchrun --nproc_per_node N -m clipforge train ... for several processes)",
+        description="Train a CLIP model. Config layering: defaults -> --config FILE -> shortcut flags and --set.",
+    )
+    p.add_argument("--config", default=None, help="YAML/JSON training config")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set optim.lr=1e-3 --set model_overrides.vision.layers=2",
+    )
+    p.add_argument("--model", default=None, help="architecture name or model config file")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="training source (shard folder/pattern, CSV/TSV/JSONL table, captioned folder); repeatable",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="global pairs per optimizer step")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers per process")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--accum-steps", type=int, default=None, help="micro-batches per step (batch stays whole)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--output-dir", default=None, help="parent folder of run folders (default: runs)")
+    p.add_argument("--name", default=None, help="run folder name")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between training checkpoints")
+    p.add_argument("--init-from", default=None, help="start from these weights instead of random init")
+    p.add_argument(
+        "--resume", default=None, help="'latest' (with --name), a run folder, or a checkpoint file"
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("data", help="prepare training data")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "shards",
+        help="write webdataset shards from a CSV/TSV/JSONL table, an image folder with .txt captions, or shards",
+    )
+    p.add_argument("src", help="table, image folder or shards (several joined with '::')")
+    p.add_argument("out", help="output folder (gets shard-000000.tar, ... and manifest.json)")
+    p.add_argument("--max-shard-mb", type=float, default=256.0, help="shard size bound in MiB (default 256)")
+    p.add_argument(
+        "--max-samples", type=int, default=10_000, help="samples per shard at most (default 10000)"
+    )
+    p.add_argument(
+        "--resize", type=int, default=None, help="downscale images so the shorter side is at most S"
+    )
+    p.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs (default 90)")
+    p.add_argument(
+        "--image-column", default=None, help="table column holding image paths (default: detected)"
+    )
+    p.add_argument("--caption-column", default=None, help="table column holding captions (default: detected)")
+    p.add_argument("--caption-separator", default=None, help="split a caption field into several captions")
+    p.add_argument("--root", default=None, help="folder image paths are relative to (default: the table's)")
+    p.add_argument("--report-bad-rows", action="store_true", help="count malformed rows instead of stopping")
+    p.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
+    p.add_argument("--workers", type=int, default=0, help="decode images in this many processes")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_data_shards)
+
     p = sub.add_parser("demo", help="build a model, tokenize, preprocess one image, print shapes")
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--image", default=None, help="an image file (default: a generated gradient)")
@@ -170,12 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as exc:
+    except (TrainingError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

@@ -114,7 +114,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {hint.__name__} fields, got {value!r}")
-        return _from_dict(hint, value, where)
+        return dataclass_from_dict(hint, value, where)
+    if hint is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
@@ -160,7 +166,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from plain data, converting lists to tuples and checking types and literals;
+    unknown fields raise :class:`ConfigError` listing the valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
     hints = _resolve_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
@@ -172,7 +182,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> ModelConfig:
     """Build and validate a :class:`ModelConfig` from plain data (JSON/YAML)."""
-    return validate(_from_dict(ModelConfig, data, where))
+    return validate(dataclass_from_dict(ModelConfig, data, where))
 
 
 def merge(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
@@ -180,10 +190,31 @@ def merge(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
 
     Keys may be nested mappings (``{"vision": {"layers": 2}}``) or dotted paths (``{"vision.layers": 2}``).
     """
-    data = config.to_dict()
-    for key, value in overrides.items():
-        _set_path(data, key.split("."), value, key)
+    data = apply_overrides(config.to_dict(), overrides)
     return config_from_dict(data, where=f"config '{config.name}'")
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: dict[str, Any], open_keys: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Apply nested or dotted-key ``overrides`` to plain ``data`` (in place; also returned). Unknown keys raise.
+
+    ``open_keys`` name free-form mapping fields: ``"model_overrides.vision.layers"`` sets the key
+    ``"vision.layers"`` inside ``data["model_overrides"]`` instead of descending into it.
+    """
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head in open_keys:
+            target = data.setdefault(head, {})
+            if rest:
+                target[rest] = value
+            elif isinstance(value, dict):
+                target.update(value)
+            else:
+                raise ConfigError(f"override '{key}': expected a mapping, got {value!r}")
+            continue
+        _set_path(data, key.split("."), value, key)
+    return data
 
 
 def _set_path(data: dict[str, Any], path: list[str], value: Any, full_key: str) -> None:
@@ -284,7 +315,18 @@ def get_model_config(name: str) -> ModelConfig:
 def load_config_file(path: str | Path) -> ModelConfig:
     """Read a model config from a JSON or YAML file."""
     path = Path(path)
-    text = path.read_text()
+    data = read_mapping_file(path)
+    data.setdefault("name", path.stem)
+    return config_from_dict(data, where=str(path))
+
+
+def read_mapping_file(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a JSON or YAML file; :class:`ConfigError` naming the file otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -296,5 +338,4 @@ def load_config_file(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
-    data.setdefault("name", path.stem)
-    return config_from_dict(data, where=str(path))
+    return data

@@ -1,0 +1,262 @@
+"""Deterministic, resumable training streams.
+
+The data a run sees is a pure function of (seed, ranks x workers, the sources), so a run stopped at any step
+and resumed continues with exactly the batches it would have seen:
+
+* The stream is split into N = world_size x max(1, num_workers) **partitions**, one per (rank, worker).
+  Partition j reads shards j, j+N, ... of a per-pass permutation of the shards (or rows of a table), so no
+  two workers read the same data; with fewer shards than partitions, every partition reads every shard and
+  keeps every N-th sample. Each partition's stream is infinite: pass after pass, each reshuffled.
+* Several sources are mixed per sample by a seeded draw with the given weights; a seeded shuffle buffer
+  shuffles within the partition. Both work on raw bytes, before decoding.
+* Each sample that leaves the buffer gets an index n; its augmentation and caption choice use a generator
+  seeded by (seed, j, n), so they do not depend on which process decodes it.
+* Every batch carries (partition, position after it, counts of what was skipped since the last batch).
+  Resuming a partition at position n replays the raw stream and the buffer without decoding anything.
+* The DataLoader takes batches from its workers round-robin. After k batches, physical worker w plays
+  partition (w + k) mod W, so the first batch after a resume comes from the partition that was next.
+
+Broken inputs (unreadable/truncated/oversized images, empty captions, truncated shards) are skipped and
+counted by reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from clipforge.data.raw import DataError, RawSample, UnitError
+from clipforge.data.sources import Source
+from clipforge.images import ImageLoadError, load_image
+
+log = logging.getLogger("clipforge.data")
+
+_MIX_STREAM, _BUFFER_STREAM, _SAMPLE_STREAM = 1_000_003, 2_000_003, 3_000_017
+
+
+class Batch(NamedTuple):
+    """One micro-batch from one partition. ``counts``: skips by reason (and truncated captions) since the
+    partition's previous batch."""
+
+    images: torch.Tensor  # [b, 3, S, S] float32, normalised
+    tokens: torch.Tensor  # [b, L] int64
+    partition: int
+    position: int  # samples that have left this partition's shuffle buffer after this batch
+    counts: dict[str, int]
+
+
+def _seed(*parts: int) -> int:
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1
+    )
+
+
+def unit_order(num_units: int, seed: int, source_index: int, pass_no: int) -> np.ndarray:
+    """The order in which pass ``pass_no`` visits source ``source_index``'s units (the same on every partition)."""
+    return np.random.default_rng([seed, source_index, pass_no]).permutation(num_units)
+
+
+def partition_pass(
+    source: Source, index: int, part: int, parts: int, seed: int, pass_no: int
+) -> Iterator[Any]:
+    """One pass of partition ``part`` over ``source``: its share of a shuffled unit order."""
+    order = unit_order(source.num_units(), seed, index, pass_no)
+    units = len(order)
+    if source.unit_kind == "row" or units >= parts:
+        for unit in order[part::parts]:
+            yield from source.iter_unit(int(unit))
+        return
+    kept = 0  # fewer shards than partitions: all read everything, each keeps every parts-th sample
+    for position, unit in enumerate(order):
+        for item in source.iter_unit(int(unit)):
+            if isinstance(item, UnitError):
+                if position % parts == part:  # one partition reports each broken shard
+                    yield item
+                continue
+            if kept % parts == part:
+                yield item
+            kept += 1
+
+
+def _source_stream(source: Source, index: int, part: int, parts: int, seed: int) -> Iterator[Any]:
+    pass_no = 0
+    while True:
+        samples = 0
+        for item in partition_pass(source, index, part, parts, seed, pass_no):
+            if isinstance(item, RawSample):
+                samples += 1
+            yield item
+        if samples == 0:
+            raise DataError(
+                f"source '{source.name}' gives partition {part} of {parts} no samples (it has {source.num_units()} "
+                f"{source.unit_kind}s); use fewer data workers/ranks or more data"
+            )
+        pass_no += 1
+
+
+def raw_stream(
+    sources: Sequence[Source], weights: Sequence[float], part: int, parts: int, seed: int
+) -> Iterator[Any]:
+    """Partition ``part``'s infinite stream of RawSample and UnitError items, sources mixed by ``weights``."""
+    streams = [_source_stream(s, i, part, parts, seed) for i, s in enumerate(sources)]
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    probs = np.asarray(weights, dtype=np.float64)
+    probs = probs / probs.sum()
+    rng = np.random.default_rng([seed, _MIX_STREAM, part])
+    while True:
+        yield next(streams[int(rng.choice(len(streams), p=probs))])
+
+
+def shuffled(items: Iterator[Any], size: int, seed: int, part: int) -> Iterator[Any]:
+    """A shuffle buffer of ``size`` over an infinite stream; UnitError events pass straight through."""
+    if size <= 1:
+        yield from items
+        return
+    rng = np.random.default_rng([seed, _BUFFER_STREAM, part])
+    buffer: list[Any] = []
+    for item in items:
+        if isinstance(item, UnitError):
+            yield item
+            continue
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(size))
+        out, buffer[slot] = buffer[slot], item
+        yield out
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """Raw sample -> (image tensor, caption) or a skip reason. ``transform`` takes (PIL image, generator)."""
+
+    transform: Callable[..., torch.Tensor]
+    caption: str = "first"
+    max_pixels: int | None = 89_478_485
+    fill_color: tuple[int, int, int] = (255, 255, 255)
+
+    def __call__(self, raw: RawSample, generator: torch.Generator) -> tuple[torch.Tensor, str] | str:
+        if raw.error is not None:
+            return raw.error
+        captions = [c for c in raw.captions if c and c.strip()]
+        if not captions:
+            return "empty_caption"
+        if raw.image is None:
+            return "missing_image"
+        try:
+            image = load_image(
+                raw.image, name=raw.image_name, fill_color=self.fill_color, max_pixels=self.max_pixels
+            )
+        except ImageLoadError as exc:
+            log.debug("skipped %s: %s", raw.key, exc)
+            return f"image_{exc.reason}"
+        if self.caption == "random" and len(captions) > 1:
+            caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
+        else:
+            caption = captions[0]
+        return self.transform(image, generator), caption
+
+
+class TrainStream(IterableDataset):
+    """Batches for one rank: an infinite, deterministic, resumable stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        weights: Sequence[float],
+        decoder: SampleDecoder,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        start_batch: int = 0,
+        positions: Mapping[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise DataError("no training sources given")
+        self.sources = list(sources)
+        self.weights = list(weights) if weights else [1.0] * len(sources)
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.workers = max(1, num_workers)
+        self.shuffle_buffer = shuffle_buffer
+        self.start_batch = start_batch
+        self.positions = dict(positions or {})
+
+    @property
+    def num_partitions(self) -> int:
+        return self.world_size * self.workers
+
+    def partition_for(self, worker_id: int) -> int:
+        """The partition physical worker ``worker_id`` of this rank plays (rotated after ``start_batch``)."""
+        return self.rank * self.workers + (worker_id + self.start_batch) % self.workers
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        part = self.partition_for(info.id if info is not None else 0)
+        return self.iter_partition(part)
+
+    def iter_partition(self, part: int) -> Iterator[Batch]:
+        items = shuffled(
+            raw_stream(self.sources, self.weights, part, self.num_partitions, self.seed),
+            self.shuffle_buffer,
+            self.seed,
+            part,
+        )
+        position = self.positions.get(part, 0)
+        replayed = 0
+        while replayed < position:  # resume: replay without decoding; events were counted before
+            if isinstance(next(items), RawSample):
+                replayed += 1
+        counts: Counter[str] = Counter()
+        images: list[torch.Tensor] = []
+        captions: list[str] = []
+        truncated_before = getattr(self.tokenizer, "num_truncated", 0)
+        for item in items:
+            if isinstance(item, UnitError):
+                counts[item.reason] += 1
+                log.warning("%s", item.message)
+                continue
+            generator = torch.Generator().manual_seed(_seed(self.seed, _SAMPLE_STREAM, part, position))
+            position += 1
+            decoded = self.decoder(item, generator)
+            if isinstance(decoded, str):
+                counts[decoded] += 1
+                continue
+            images.append(decoded[0])
+            captions.append(decoded[1])
+            if len(images) == self.batch_size:
+                tokens = self.tokenizer(captions)
+                truncated = getattr(self.tokenizer, "num_truncated", 0)
+                if truncated > truncated_before:
+                    counts["truncated_caption"] += truncated - truncated_before
+                    truncated_before = truncated
+                yield Batch(torch.stack(images), tokens, part, position, dict(counts))
+                counts.clear()
+                images, captions = [], []
+
+
+def default_weights(sources: Sequence[Source]) -> list[float]:
+    """Proportional to the sources' sizes when all are known, else equal."""
+    sizes = [s.num_samples() for s in sources]
+    if all(size for size in sizes):
+        return [float(size) for size in sizes]  # type: ignore[arg-type]
+    return [1.0] * len(sources)

@@ -1,0 +1,188 @@
+"""Training configuration: small frozen dataclasses, layered defaults -> a YAML/JSON file -> dotted overrides.
+
+The resolved config is written to every run directory (``config.yaml``) and into every training checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from clipforge.config import ConfigError, apply_overrides, dataclass_from_dict, read_mapping_file
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training pairs come from and how they are batched."""
+
+    train: tuple[str, ...] = ()  # source specs: shard dirs/patterns, CSV/TSV/JSONL tables, captioned folders
+    # Sampling weight per source (empty: proportional to the known sizes, else equal).
+    weights: tuple[float, ...] = ()
+    batch_size: int = 256  # global batch per optimizer step, over all ranks and micro-batches
+    num_workers: int = 2  # DataLoader workers per rank (0: load in the training process)
+    shuffle_buffer: int = 1000  # samples held for shuffling within each worker's stream
+    caption: Literal["first", "random"] = "first"  # which caption of a multi-caption sample to train on
+    max_pixels: int = 89_478_485  # larger images are skipped (and counted), never decoded
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a cosine (or constant) schedule after linear warmup."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2  # not applied to gains, biases, embeddings and the logit scale
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = 0.0  # the cosine schedule's floor
+    grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes, and how often it logs, evaluates and checkpoints."""
+
+    output_dir: str = "runs"
+    name: str | None = None  # run folder name; default: <model>-<timestamp>
+    log_every: int = 10  # steps between metrics lines (JSONL)
+    checkpoint_every: int = 500  # steps between training checkpoints (and one at the end)
+    keep_last: int = 3  # training checkpoints kept; older ones are deleted after a successful save
+    eval_every: int = 0  # steps between evaluation hooks (0: never)
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One contrastive pretraining run."""
+
+    model: str = "tiny"  # a registered name or a model config file
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys, e.g. {"vision.layers": 2}
+    init_from: str = ""  # start from these weights (any checkpoint load_checkpoint reads); "" = random init
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    steps: int = 0  # optimizer steps; 0: derive from epochs and the dataset size
+    epochs: float = 0.0
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with a grad scaler, GPU)
+    accum_steps: int = 1  # micro-batches per step; the contrastive batch stays whole (features cached)
+    grad_checkpointing: bool = False
+    loss_chunk_size: int = 0  # >0: memory-bounded exact loss over row chunks of this size
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(_plain(self.to_dict()), sort_keys=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def validate_train_config(config: TrainConfig) -> TrainConfig:
+    """Cross-field checks; :class:`ConfigError` names the field and the fix."""
+    d, o, r = config.data, config.optim, config.run
+    if not d.train:
+        raise ConfigError(
+            "data.train: no training data given; pass a shard folder, pattern or table (--data PATH)"
+        )
+    if d.weights and len(d.weights) != len(d.train):
+        raise ConfigError(
+            f"data.weights: {len(d.weights)} weights for {len(d.train)} sources; give one per source"
+        )
+    if any(w <= 0 for w in d.weights):
+        raise ConfigError("data.weights: every weight must be positive")
+    checks = {
+        "data.batch_size": d.batch_size > 0,
+        "data.num_workers": d.num_workers >= 0,
+        "data.shuffle_buffer": d.shuffle_buffer >= 0,
+        "optim.lr": o.lr > 0,
+        "optim.warmup_steps": o.warmup_steps >= 0,
+        "run.log_every": r.log_every > 0,
+        "run.checkpoint_every": r.checkpoint_every > 0,
+        "run.keep_last": r.keep_last > 0,
+        "accum_steps": config.accum_steps > 0,
+        "steps": config.steps >= 0,
+        "epochs": config.epochs >= 0,
+        "loss_chunk_size": config.loss_chunk_size >= 0,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{key}: invalid value; see `clipforge train --help` for its meaning")
+    if config.steps == 0 and config.epochs == 0:
+        raise ConfigError("set the run length: steps (optimizer steps) or epochs (passes over the data)")
+    if config.steps and config.epochs:
+        raise ConfigError("set either steps or epochs, not both")
+    return config
+
+
+def train_config_from_dict(data: dict[str, Any], where: str = "train config") -> TrainConfig:
+    return validate_train_config(dataclass_from_dict(TrainConfig, data, where))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` from the command line; the value is read as JSON (numbers, true/false, null, lists),
+    else as a YAML scalar/list, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (e.g. optim.lr=1e-3)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if value is None and raw.strip() not in ("null", "~", ""):
+            value = raw
+    return key, value
+
+
+_OPEN_KEYS = ("model_overrides",)
+
+
+def resolve_train_config(
+    file: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults, then ``file`` (YAML/JSON), then ``overrides`` (``["optim.lr=1e-3", ...]`` or a dict)."""
+    data = TrainConfig().to_dict()
+    where = "defaults"
+    if file is not None:
+        apply_overrides(data, read_mapping_file(file), open_keys=_OPEN_KEYS)
+        where = str(file)
+    if overrides:
+        pairs = dict(parse_override(o) for o in overrides) if isinstance(overrides, list) else dict(overrides)
+        apply_overrides(data, pairs, open_keys=_OPEN_KEYS)
+        where += " + overrides"
+    return train_config_from_dict(data, where=where)
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "parse_override",
+    "resolve_train_config",
+    "train_config_from_dict",
+]

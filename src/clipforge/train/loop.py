@@ -1,0 +1,461 @@
+"""The contrastive pretraining run: set-up, resume, the step loop, logging, checkpoints, and the run summary.
+
+One entry point, :func:`train`, used by ``clipforge train`` and by Python callers. Launch several processes with
+``torchrun --nproc_per_node N -m clipforge train ...``; only rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from clipforge.checkpoint import load_checkpoint, save_checkpoint
+from clipforge.config import ConfigError, apply_overrides
+from clipforge.data.sources import open_source
+from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
+from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard
+from clipforge.losses import ContrastiveLoss
+from clipforge.model import CLIP, create_model
+from clipforge.tokenizer import get_tokenizer
+from clipforge.train import checkpoint as ckpt
+from clipforge.train.config import TrainConfig, train_config_from_dict
+from clipforge.train.optim import build_optimizer, build_scheduler
+from clipforge.train.report import MetricsWriter, write_loss_plot
+from clipforge.train.step import apply_update, compute_gradients, unwrap
+from clipforge.transforms import get_transforms
+
+log = logging.getLogger("clipforge.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. the loss kept being non-finite); the message says why and what to do."""
+
+
+@dataclass
+class HookContext:
+    """What an evaluation hook receives (on rank 0, model in eval mode, no gradients)."""
+
+    model: CLIP
+    step: int
+    samples_seen: int
+    run_dir: Path
+
+
+Hook = Callable[[HookContext], dict[str, float] | None]
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    steps: int
+    samples_seen: int
+    epochs: float | None
+    final_loss: float | None
+    wall_time_s: float
+    samples_per_s: float
+    skipped: dict[str, int] = field(default_factory=dict)
+    nonfinite_steps: int = 0
+    model_path: str = ""
+    resumed_from: str | None = None
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    hooks: Sequence[Hook] = (),
+) -> RunSummary:
+    """Run contrastive pretraining as ``config`` says, or resume a run; returns the summary rank 0 writes.
+
+    ``resume``: a run folder (its newest checkpoint) or a training checkpoint file. A resumed run uses the
+    config saved in the checkpoint; ``overrides`` (dotted keys) may change only the run length (``steps``,
+    ``epochs``) and ``run.*`` settings, since anything else would break the exact continuation.
+    """
+    if config is None and resume is None:
+        raise ConfigError("train() needs a config, or resume= a run folder or checkpoint")
+    env = init_distributed()
+    with peer_failure_guard(env):
+        return _Trainer(config, env, resume, overrides or {}, hooks).run()
+
+
+def resolve_device(requested: str, env: DistEnv) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but no GPU is available; use device=auto or cpu")
+    return env.device if env.device.type == "cuda" else torch.device("cuda")
+
+
+class _Trainer:
+    def __init__(
+        self,
+        config: TrainConfig | None,
+        env: DistEnv,
+        resume: str | Path | None,
+        overrides: dict[str, Any],
+        hooks: Sequence[Hook],
+    ) -> None:
+        self.env = env
+        self.hooks = list(hooks)
+        self.resume_path: Path | None = None
+        self.state: dict[str, Any] | None = None
+        if resume is not None:
+            self.resume_path = ckpt.resolve_resume(Path(resume))
+            self.state = ckpt.load_training_checkpoint(self.resume_path)
+            config = _resumed_config(self.state, overrides)
+        elif overrides:
+            config = train_config_from_dict(
+                apply_overrides(config.to_dict(), overrides, ("model_overrides",))
+            )
+        assert config is not None
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device, env)
+        self.run_dir = self._run_dir()
+
+    # ------------------------------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        cfg, env = self.config, self.env
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = create_model(cfg.model, **_nested(cfg.model_overrides))
+        if cfg.init_from:
+            model.load_state_dict(load_checkpoint(cfg.init_from, config=model.config).state_dict())
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
+        model.to(self.device).train()
+
+        sources = [open_source(spec) for spec in cfg.data.train]
+        weights = list(cfg.data.weights) or default_weights(sources)
+        dataset_size = _dataset_size(sources)
+        total_steps = self._total_steps(dataset_size)
+        micro = self._micro_batch_size()
+
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
+        scaler = self._grad_scaler()
+        start_step, samples_seen, positions, counts, nonfinite_total = 0, 0, {}, Counter(), 0
+        if self.state is not None:
+            start_step, samples_seen, positions, counts, nonfinite_total = self._restore(
+                model, optimizer, scheduler, scaler
+            )
+        ddp_model = model if env.world_size == 1 else DistributedDataParallel(model)
+        loss_fn = ContrastiveLoss(chunk_size=cfg.loss_chunk_size or None)
+
+        tokenizer = get_tokenizer(model)
+        decoder = SampleDecoder(
+            get_transforms(model, train=True),
+            caption=cfg.data.caption,
+            max_pixels=cfg.data.max_pixels,
+            fill_color=model.config.preprocess.fill_color,
+        )
+        stream = TrainStream(
+            sources, weights, decoder, tokenizer,
+            batch_size=micro, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+            start_batch=start_step * cfg.accum_steps, positions=positions,
+        )  # fmt: skip
+        batches = iter(_loader(stream, cfg.data.num_workers, self.device))
+
+        metrics = MetricsWriter(
+            self.run_dir, enabled=env.is_main, resume_step=start_step if self.state else None
+        )
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            log.info(
+                "run %s: %s, %d steps of %d pairs (%d ranks x %d micro-batches of %d), %s",
+                self.run_dir, model.config.name, total_steps, cfg.data.batch_size, env.world_size,
+                cfg.accum_steps, micro, f"{dataset_size:,} pairs per epoch" if dataset_size else "size unknown",
+            )  # fmt: skip
+        progress = _progress(total_steps, start_step, enabled=env.is_main and cfg.run.progress)
+        autocast = self._autocast()
+        started, interval_start = time.perf_counter(), time.perf_counter()
+        interval_loss, interval_steps, consecutive_bad, last_loss = 0.0, 0, 0, None
+        step = start_step
+        for step in range(start_step, total_steps):
+            micro_batches = []
+            for _ in range(cfg.accum_steps):
+                batch: Batch = next(batches)
+                positions[batch.partition] = batch.position
+                counts.update(batch.counts)
+                micro_batches.append((batch.images.to(self.device), batch.tokens.to(self.device)))
+            loss = compute_gradients(
+                ddp_model, loss_fn, micro_batches, autocast, scaler.scale if scaler is not None else None
+            )
+            result = apply_update(ddp_model, optimizer, loss, cfg.optim.grad_clip, scaler)
+            with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+                warnings.filterwarnings(
+                    "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+                )
+                scheduler.step()
+            samples_seen += cfg.data.batch_size
+            if result.applied:
+                consecutive_bad = 0
+                interval_loss += float(loss)
+                interval_steps += 1
+            else:
+                consecutive_bad += 1
+                nonfinite_total += 1
+                log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step + 1,
+                            consecutive_bad)  # fmt: skip
+                if consecutive_bad >= cfg.run.max_nonfinite:
+                    raise TrainingError(
+                        f"stopping at step {step + 1}: the loss or gradient was not finite for {consecutive_bad} "
+                        "steps in a row; lower optim.lr, use precision=fp32/bf16 instead of fp16, or check the "
+                        f"data. Checkpoints so far are in {self.run_dir / 'checkpoints'}"
+                    )
+            done = step + 1
+            if progress is not None:
+                progress.update(1)
+            if done % cfg.run.log_every == 0 or done == total_steps:
+                elapsed = time.perf_counter() - interval_start
+                mean_loss = all_reduce_mean(torch.tensor(interval_loss / max(1, interval_steps))).item()
+                last_loss = mean_loss
+                record = {
+                    "step": done,
+                    "samples": samples_seen,
+                    "epoch": samples_seen / dataset_size if dataset_size else None,
+                    "loss": mean_loss,
+                    "logit_scale": unwrap(ddp_model).logit_scale.exp().item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": result.grad_norm,
+                    "samples_per_s": interval_steps * cfg.data.batch_size / max(elapsed, 1e-9),
+                    "skipped": self._global_counts(counts),
+                    "nonfinite_steps": nonfinite_total,
+                }
+                metrics.write(record)
+                if progress is not None:
+                    progress.set_postfix(
+                        loss=f"{mean_loss:.3f}", scale=f"{record['logit_scale']:.1f}", lr=f"{record['lr']:.2e}",
+                        pairs_s=f"{record['samples_per_s']:.0f}",
+                    )  # fmt: skip
+                interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
+            if cfg.run.eval_every and done % cfg.run.eval_every == 0:
+                self._run_hooks(unwrap(ddp_model), done, samples_seen, metrics)
+            if done % cfg.run.checkpoint_every == 0 or done == total_steps:
+                self._save(unwrap(ddp_model), optimizer, scheduler, scaler, done, samples_seen, positions, counts,
+                           nonfinite_total)  # fmt: skip
+        if progress is not None:
+            progress.close()
+        wall = time.perf_counter() - started
+        summary = RunSummary(
+            run_dir=str(self.run_dir),
+            steps=total_steps,
+            samples_seen=samples_seen,
+            epochs=samples_seen / dataset_size if dataset_size else None,
+            final_loss=last_loss,
+            wall_time_s=wall,
+            samples_per_s=(total_steps - start_step) * cfg.data.batch_size / max(wall, 1e-9),
+            skipped=self._global_counts(counts),
+            nonfinite_steps=nonfinite_total,
+            resumed_from=str(self.resume_path) if self.resume_path else None,
+        )
+        if env.is_main:
+            model_path = save_checkpoint(unwrap(ddp_model), self.run_dir / "model.safetensors")
+            summary.model_path = str(model_path)
+            (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+            write_loss_plot(self.run_dir)
+            skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items())) or "none"
+            log.info("done: %d steps, final loss %s, skipped: %s; model %s", total_steps,
+                     f"{last_loss:.4f}" if last_loss is not None else "n/a", skipped, model_path)  # fmt: skip
+        return summary
+
+    # ------------------------------------------------------------------------------------------------------
+    def _run_dir(self) -> Path:
+        if self.resume_path is not None:
+            return self.resume_path.parent.parent
+        cfg = self.config
+        name = cfg.run.name or f"{Path(cfg.model).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if self.env.world_size > 1:  # every rank must agree on the (timestamped) name
+            holder = [name]
+            dist.broadcast_object_list(holder, src=0)
+            name = holder[0]
+        run_dir = Path(cfg.run.output_dir) / name
+        if self.env.is_main and ckpt.list_checkpoints(run_dir):
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints of a run; resume it with --resume latest, or choose another "
+                "run.name / run.output_dir"
+            )
+        return run_dir
+
+    def _total_steps(self, dataset_size: int | None) -> int:
+        cfg = self.config
+        if cfg.steps:
+            return cfg.steps
+        if not dataset_size:
+            raise ConfigError(
+                "epochs needs the dataset size, which these sources do not record (no manifest.json); set steps"
+            )
+        return max(1, math.ceil(cfg.epochs * dataset_size / cfg.data.batch_size))
+
+    def _micro_batch_size(self) -> int:
+        cfg = self.config
+        per_step = self.env.world_size * cfg.accum_steps
+        if cfg.data.batch_size % per_step:
+            raise ConfigError(
+                f"data.batch_size {cfg.data.batch_size} must be divisible by ranks x accum_steps = {per_step}"
+            )
+        return cfg.data.batch_size // per_step
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        if self.config.precision != "fp16":
+            return None
+        if self.device.type != "cuda":
+            raise ConfigError(
+                "precision: fp16 needs a GPU (it uses a grad scaler); on the CPU use bf16 or fp32"
+            )
+        return torch.amp.GradScaler("cuda")
+
+    def _autocast(self) -> Callable[[], Any] | None:
+        precision = self.config.precision
+        if precision == "fp32":
+            return None
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        device_type = self.device.type
+        return lambda: torch.autocast(device_type=device_type, dtype=dtype)
+
+    def _restore(self, model, optimizer, scheduler, scaler) -> tuple[int, int, dict[int, int], Counter, int]:
+        state = self.state
+        assert state is not None
+        data = state["data"]
+        cfg = self.config
+        if (data["world_size"], data["num_workers"]) != (self.env.world_size, cfg.data.num_workers):
+            raise ConfigError(
+                f"exact resume needs the same ranks x data workers as the saved run ({data['world_size']} x "
+                f"{data['num_workers']}), not {self.env.world_size} x {cfg.data.num_workers}: the data stream is "
+                "split by both. Relaunch with the saved numbers (--set data.num_workers=...)"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        counts = Counter(state["counts"]) if self.env.is_main else Counter()
+        positions = {int(k): int(v) for k, v in data["positions"].items()}
+        log.info("resumed from %s at step %d", self.resume_path, state["step"])
+        return state["step"], state["samples_seen"], positions, counts, state["nonfinite_steps"]
+
+    def _global_counts(self, counts: Counter) -> dict[str, int]:
+        if self.env.world_size == 1:
+            return dict(sorted(counts.items()))
+        gathered: list[dict[str, int]] = [{} for _ in range(self.env.world_size)]
+        dist.all_gather_object(gathered, dict(counts))
+        total: Counter[str] = Counter()
+        for part in gathered:
+            total.update(part)
+        return dict(sorted(total.items()))
+
+    def _save(
+        self, model, optimizer, scheduler, scaler, step, samples_seen, positions, counts, nonfinite
+    ) -> None:
+        all_positions = dict(positions)
+        if self.env.world_size > 1:
+            gathered: list[dict[int, int]] = [{} for _ in range(self.env.world_size)]
+            dist.all_gather_object(gathered, positions)
+            for part in gathered:
+                all_positions.update(part)
+        total_counts = self._global_counts(counts)
+        if not self.env.is_main:
+            return
+        cfg = self.config
+        payload = {
+            "config": cfg.to_json(),
+            "model_config": model.config.to_json(),
+            "samples_seen": samples_seen,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": ckpt.rng_state(),
+            "data": {
+                "positions": {str(k): v for k, v in sorted(all_positions.items())},
+                "world_size": self.env.world_size,
+                "num_workers": cfg.data.num_workers,
+            },
+            "counts": total_counts,
+            "nonfinite_steps": nonfinite,
+        }
+        path = ckpt.save_training_checkpoint(self.run_dir, step, payload, cfg.run.keep_last)
+        log.debug("saved %s", path)
+
+    def _run_hooks(self, model: CLIP, step: int, samples_seen: int, metrics: MetricsWriter) -> None:
+        if not self.hooks:
+            return
+        if self.env.is_main:
+            model.eval()
+            record: dict[str, Any] = {"step": step, "samples": samples_seen}
+            with torch.no_grad():
+                for hook in self.hooks:
+                    record.update(hook(HookContext(model, step, samples_seen, self.run_dir)) or {})
+            metrics.write(record, kind="eval")
+            model.train()
+        if self.env.world_size > 1:
+            dist.barrier()
+
+
+_RESUME_CHANGEABLE = ("steps", "epochs", "run.")
+
+
+def _resumed_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """The saved config with the allowed ``overrides`` (run length and run.* settings) applied."""
+    saved = json.loads(state["config"])
+    for key in overrides:
+        if not key.startswith(_RESUME_CHANGEABLE):
+            raise ConfigError(
+                f"cannot change '{key}' when resuming: an exact continuation needs the saved model, data and "
+                "optimiser settings; only steps, epochs and run.* may change"
+            )
+    if "steps" in overrides or "epochs" in overrides:
+        saved["steps"], saved["epochs"] = 0, 0.0
+    return train_config_from_dict(apply_overrides(saved, overrides), where="resumed config")
+
+
+def _nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Dotted model overrides ({"vision.layers": 2}) as create_model keyword arguments."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            nested[head] = value
+    return nested
+
+
+def _dataset_size(sources) -> int | None:
+    sizes = [s.num_samples() for s in sources]
+    return sum(sizes) if all(sizes) else None
+
+
+def _loader(stream: TrainStream, num_workers: int, device: torch.device) -> Iterator[Batch]:
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,124 @@
+"""The training step: forward, contrastive loss, backward, then clip, check and apply the update.
+
+With several micro-batches the contrastive batch stays whole: features of every micro-batch are computed
+without gradients and cached, the loss over the full batch gives the gradient with respect to each feature,
+then each micro-batch is recomputed with gradients and back-propagated with its slice of that gradient. The
+result equals the gradient of one batch N times larger (models without batch-dependent layers; the ResNet
+towers' BatchNorm sees each micro-batch alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from clipforge.model import CLIP
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images [b, 3, S, S], tokens [b, L])
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unwrap(model: nn.Module) -> CLIP:
+    """The CLIP inside a DistributedDataParallel (or any ``.module``) wrapper."""
+    return getattr(model, "module", model)  # type: ignore[return-value]
+
+
+def compute_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batches: Sequence[MicroBatch],
+    autocast: contextlib.AbstractContextManager
+    | Callable[[], contextlib.AbstractContextManager]
+    | None = None,
+    loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Accumulate into ``.grad`` the gradient of the contrastive loss over all ``micro_batches`` together.
+
+    ``model`` may be wrapped in DistributedDataParallel (gradients are synchronised on the last micro-batch
+    only). ``loss_scale`` multiplies the loss before backward (fp16 grad scaling). Returns the loss (detached,
+    this rank's share: see :class:`clipforge.losses.ContrastiveLoss`).
+    """
+    ctx = _context_factory(autocast)
+    if len(micro_batches) == 1:
+        images, tokens = micro_batches[0]
+        with ctx():
+            out = model(images, tokens)
+        loss = loss_fn(out.image_features, out.text_features, out.logit_scale)
+        (loss_scale(loss) if loss_scale else loss).backward()
+        return loss.detach()
+
+    with torch.no_grad(), ctx():
+        outs = [model(images, tokens) for images, tokens in micro_batches]
+    image_features = torch.cat([o.image_features.float() for o in outs]).requires_grad_(True)
+    text_features = torch.cat([o.text_features.float() for o in outs]).requires_grad_(True)
+    logit_scale = unwrap(model).logit_scale.exp()
+    loss = loss_fn(image_features, text_features, logit_scale)
+    (loss_scale(loss) if loss_scale else loss).backward()  # feature gradients, and logit_scale's directly
+
+    start = 0
+    for index, (images, tokens) in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with ctx():
+                out = model(images, tokens)
+            rows = slice(start, start + images.shape[0])
+            torch.autograd.backward(
+                [out.image_features, out.text_features, out.logit_scale],
+                [
+                    image_features.grad[rows].to(out.image_features.dtype),
+                    text_features.grad[rows].to(out.text_features.dtype),
+                    torch.zeros_like(out.logit_scale),  # already counted once, above
+                ],
+            )
+        start = rows.stop
+    return loss.detach()
+
+
+def _context_factory(autocast) -> Callable[[], contextlib.AbstractContextManager]:
+    if autocast is None:
+        return contextlib.nullcontext
+    if callable(autocast) and not isinstance(autocast, contextlib.AbstractContextManager):
+        return autocast
+    return lambda: autocast
+
+
+@dataclass
+class UpdateResult:
+    applied: bool  # False when the loss or the gradient was not finite (the step was skipped)
+    grad_norm: float
+
+
+def apply_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    grad_clip: float | None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> UpdateResult:
+    """Clip, check finiteness (agreed across ranks), step, zero the gradients, clamp the logit scale."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = grad_clip if grad_clip else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    finite = torch.isfinite(loss).all() & torch.isfinite(grad_norm)
+    if dist.is_available() and dist.is_initialized():
+        flag = finite.to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag[0] > 0
+    applied = bool(finite)
+    if scaler is not None:
+        if applied:
+            scaler.step(optimizer)
+        scaler.update()
+    elif applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    unwrap(model).clamp_logit_scale_(100.0)
+    return UpdateResult(applied, float(grad_norm))
