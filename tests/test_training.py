@@ -131,13 +131,13 @@ def test_torchrun_two_processes(shards, tmp_path):
 
 
 def test_nonfinite_losses_stop_the_run(tmp_path, monkeypatch, shards):
-    import clipforge.train.loop as loop
+    import clipforge.objectives.contrastive as contrastive
 
     class NanLoss(torch.nn.Module):
         def forward(self, image_features, text_features, logit_scale):
             return (image_features.sum() + text_features.sum() + logit_scale) * float("nan")
 
-    monkeypatch.setattr(loop, "ContrastiveLoss", lambda chunk_size=None: NanLoss())
+    monkeypatch.setattr(contrastive, "ContrastiveLoss", lambda chunk_size=None: NanLoss())
     config = resolve_train_config(None, {
         "data.train": [str(shards)], "data.batch_size": 8, "data.num_workers": 0, "steps": 20,
         "run.output_dir": str(tmp_path), "run.name": "nan", "run.max_nonfinite": 3, "run.progress": False,

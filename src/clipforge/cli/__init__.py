@@ -9,11 +9,12 @@ import sys
 from collections.abc import Sequence
 
 from clipforge.checkpoint import CheckpointError
-from clipforge.cli import data, demo, models, train
+from clipforge.cli import data, demo, experiment, models, train, use
+from clipforge.cli import eval as eval_cli
 from clipforge.distributed import DistributedError
 from clipforge.train import TrainingError
 
-_COMMAND_MODULES = (models, train, data, demo)
+_COMMAND_MODULES = (models, train, data, experiment, use, eval_cli, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

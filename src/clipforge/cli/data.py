@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from clipforge.cli.databuild import register_build
+
 
 def _cmd_data_shards(args: argparse.Namespace) -> int:
     from clipforge.data.sources import open_source, source_notes, write_shards
@@ -53,6 +55,7 @@ def _cmd_data_shards(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare training data")
     data_sub = p.add_subparsers(dest="data_command", required=True)
+    register_build(data_sub)
     p = data_sub.add_parser(
         "shards",
         help="write webdataset shards from a CSV/TSV/JSONL table, an image folder with .txt captions, or shards",

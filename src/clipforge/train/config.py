@@ -64,6 +64,9 @@ class TrainConfig:
     """One contrastive pretraining run."""
 
     model: str = "tiny"  # a registered name or a model config file
+    # What the model learns to do: CLIP's contrastive matching, or (for the Fig. 2 comparison) predicting the
+    # caption's bag of words or the caption itself from the image. See clipforge.objectives.
+    objective: Literal["contrastive", "bag_of_words", "captioning"] = "contrastive"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys, e.g. {"vision.layers": 2}
     init_from: str = ""  # start from these weights (any checkpoint load_checkpoint reads); "" = random init
     data: DataConfig = field(default_factory=DataConfig)

@@ -19,22 +19,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from clipforge.checkpoint import load_checkpoint, save_checkpoint
-from clipforge.config import ConfigError, apply_overrides
+from clipforge.checkpoint import load_checkpoint
+from clipforge.config import ConfigError, apply_overrides, get_model_config, merge
 from clipforge.data.sources import open_source
 from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
 from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard
-from clipforge.losses import ContrastiveLoss
-from clipforge.model import CLIP, create_model
+from clipforge.model import CLIP
+from clipforge.objectives import get_objective, save_model
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import checkpoint as ckpt
 from clipforge.train.config import TrainConfig, train_config_from_dict
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.report import MetricsWriter, write_loss_plot
-from clipforge.train.step import apply_update, compute_gradients, unwrap
+from clipforge.train.step import apply_update, unwrap
 from clipforge.transforms import get_transforms
 
 log = logging.getLogger("clipforge.train")
@@ -48,7 +49,7 @@ class TrainingError(RuntimeError):
 class HookContext:
     """What an evaluation hook receives (on rank 0, model in eval mode, no gradients)."""
 
-    model: CLIP
+    model: nn.Module  # a CLIP for the contrastive objective; see clipforge.objectives for the others
     step: int
     samples_seen: int
     run_dir: Path
@@ -126,14 +127,23 @@ class _Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device, env)
+        options = {"chunk_size": config.loss_chunk_size or None} if config.objective == "contrastive" else {}
+        self.objective = get_objective(config.objective, **options)
         self.run_dir = self._run_dir()
 
     # ------------------------------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         cfg, env = self.config, self.env
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = create_model(cfg.model, **_nested(cfg.model_overrides))
+        objective = self.objective
+        model_config = get_model_config(cfg.model)
+        if cfg.model_overrides:
+            model_config = merge(model_config, _nested(cfg.model_overrides))
+        model = objective.build_model(model_config)
         if cfg.init_from:
+            if not isinstance(model, CLIP):
+                raise ConfigError(f"init_from: only the contrastive objective can start from a CLIP checkpoint, not "
+                                  f"objective '{cfg.objective}'")  # fmt: skip
             model.load_state_dict(load_checkpoint(cfg.init_from, config=model.config).state_dict())
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         model.to(self.device).train()
@@ -153,7 +163,6 @@ class _Trainer:
                 model, optimizer, scheduler, scaler
             )
         ddp_model = model if env.world_size == 1 else DistributedDataParallel(model)
-        loss_fn = ContrastiveLoss(chunk_size=cfg.loss_chunk_size or None)
 
         tokenizer = get_tokenizer(model)
         decoder = SampleDecoder(
@@ -193,8 +202,8 @@ class _Trainer:
                 positions[batch.partition] = batch.position
                 counts.update(batch.counts)
                 micro_batches.append((batch.images.to(self.device), batch.tokens.to(self.device)))
-            loss = compute_gradients(
-                ddp_model, loss_fn, micro_batches, autocast, scaler.scale if scaler is not None else None
+            loss = objective.compute_gradients(
+                ddp_model, micro_batches, autocast, scaler.scale if scaler is not None else None
             )
             result = apply_update(ddp_model, optimizer, loss, cfg.optim.grad_clip, scaler)
             with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
@@ -230,7 +239,7 @@ class _Trainer:
                     "samples": samples_seen,
                     "epoch": samples_seen / dataset_size if dataset_size else None,
                     "loss": mean_loss,
-                    "logit_scale": unwrap(ddp_model).logit_scale.exp().item(),
+                    "logit_scale": _logit_scale(unwrap(ddp_model)),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": result.grad_norm,
                     "samples_per_s": interval_steps * cfg.data.batch_size / max(elapsed, 1e-9),
@@ -240,7 +249,7 @@ class _Trainer:
                 metrics.write(record)
                 if progress is not None:
                     progress.set_postfix(
-                        loss=f"{mean_loss:.3f}", scale=f"{record['logit_scale']:.1f}", lr=f"{record['lr']:.2e}",
+                        loss=f"{mean_loss:.3f}", scale=f"{record['logit_scale'] or 0:.1f}", lr=f"{record['lr']:.2e}",
                         pairs_s=f"{record['samples_per_s']:.0f}",
                     )  # fmt: skip
                 interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
@@ -265,7 +274,7 @@ class _Trainer:
             resumed_from=str(self.resume_path) if self.resume_path else None,
         )
         if env.is_main:
-            model_path = save_checkpoint(unwrap(ddp_model), self.run_dir / "model.safetensors")
+            model_path = save_model(unwrap(ddp_model), self.run_dir / "model.safetensors", cfg.objective)
             summary.model_path = str(model_path)
             (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
             write_loss_plot(self.run_dir)
@@ -393,7 +402,7 @@ class _Trainer:
         path = ckpt.save_training_checkpoint(self.run_dir, step, payload, cfg.run.keep_last)
         log.debug("saved %s", path)
 
-    def _run_hooks(self, model: CLIP, step: int, samples_seen: int, metrics: MetricsWriter) -> None:
+    def _run_hooks(self, model: nn.Module, step: int, samples_seen: int, metrics: MetricsWriter) -> None:
         if not self.hooks:
             return
         if self.env.is_main:
@@ -459,3 +468,8 @@ def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _logit_scale(model: nn.Module) -> float | None:
+    scale = getattr(model, "logit_scale", None)
+    return float(scale.detach().exp()) if scale is not None else None

@@ -120,5 +120,7 @@ def apply_update(
     elif applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    unwrap(model).clamp_logit_scale_(100.0)
+    inner = unwrap(model)
+    if hasattr(inner, "clamp_logit_scale_"):  # the contrastive objective's temperature
+        inner.clamp_logit_scale_(100.0)
     return UpdateResult(applied, float(grad_norm))

@@ -1,0 +1,131 @@
+"""Dataset builders: real image–text data from Debian packages (and scikit-learn's digits) written as
+webdataset shards with train/val/test splits and class labels. See ``docs/data.md``.
+
+``build(name, out, **options)`` runs one builder; :data:`BUILDERS` lists them. Options shared by all
+builders: ``size``, ``image_format``, ``jpeg_quality`` (thumbnails), ``fractions``, ``seed``,
+``heldout_classes``, ``heldout_every``, ``heldout_field``, ``heldout_min_count`` (splits), ``overwrite``, ``max_shard_samples``,
+``progress``. Every other option goes to the builder's ``collect`` (e.g. ``png_root=`` for openclipart).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipforge.data.builders import digits, emoji, openclipart, tuxpaint
+from clipforge.data.builders.core import (
+    HELDOUT_SPLIT,
+    SPLITS,
+    BuildResult,
+    Collected,
+    ImageOptions,
+    MissingPackageError,
+    SplitOptions,
+    load_build_info,
+    write_dataset,
+)
+
+
+@dataclass(frozen=True)
+class BuilderSpec:
+    """One registered builder: its ``collect`` function, the Debian packages it reads, its licence."""
+
+    name: str
+    collect: Callable[..., Collected]
+    packages: tuple[str, ...]
+    licence: str
+    description: str
+
+
+BUILDERS: dict[str, BuilderSpec] = {
+    spec.name: spec
+    for spec in (
+        BuilderSpec(
+            openclipart.NAME,
+            openclipart.collect,
+            openclipart.PACKAGES,
+            openclipart.LICENCE,
+            "public-domain clip art, captions from SVG metadata, classes from folders",
+        ),
+        BuilderSpec(
+            tuxpaint.NAME,
+            tuxpaint.collect,
+            tuxpaint.PACKAGES,
+            tuxpaint.LICENCE,
+            "Tux Paint stamps with one-sentence descriptions and translations, classes from folders",
+        ),
+        BuilderSpec(
+            emoji.NAME,
+            emoji.collect,
+            emoji.PACKAGES,
+            emoji.LICENCE,
+            "every fully-qualified emoji rendered with Noto Color Emoji; CLDR group/subgroup labels",
+        ),
+        BuilderSpec(
+            digits.NAME,
+            digits.collect,
+            digits.PACKAGES,
+            digits.LICENCE,
+            "scikit-learn's 1,797 8x8 handwritten digits, upscaled; label = the digit",
+        ),
+    )
+}
+
+_IMAGE_OPTIONS = ("size", "image_format", "jpeg_quality")
+_SPLIT_OPTIONS = (
+    "fractions",
+    "seed",
+    "heldout_classes",
+    "heldout_every",
+    "heldout_field",
+    "heldout_min_count",
+)
+_WRITE_OPTIONS = ("overwrite", "max_shard_samples")
+
+
+def build(name: str, out: str | Path, **options: Any) -> BuildResult:
+    """Run builder ``name`` and write its dataset to ``out`` (layout: :mod:`clipforge.data.builders.core`).
+
+    Raises ``KeyError`` for an unknown builder, ``TypeError`` for an option no part accepts,
+    :class:`MissingPackageError` (a ``FileNotFoundError`` and ``ValueError``) when the Debian package is missing.
+    """
+    if name not in BUILDERS:
+        raise KeyError(f"unknown dataset builder {name!r}; available: {sorted(BUILDERS)}")
+    spec = BUILDERS[name]
+    collect_params = set(inspect.signature(spec.collect).parameters) - {"image_options"}
+    known = {*_IMAGE_OPTIONS, *_SPLIT_OPTIONS, *_WRITE_OPTIONS, *collect_params}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"builder {name!r} got unknown options {unknown}; valid options: {sorted(known)}")
+    image_options = ImageOptions(**{k: options[k] for k in _IMAGE_OPTIONS if k in options})
+    split_values = {k: options[k] for k in _SPLIT_OPTIONS if k in options}
+    if "fractions" in split_values:
+        split_values["fractions"] = tuple(split_values["fractions"])
+    split_options = SplitOptions(**split_values)
+    collected = spec.collect(image_options, **{k: v for k, v in options.items() if k in collect_params})
+    recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    return write_dataset(
+        out,
+        name,
+        collected,
+        image_options,
+        split_options,
+        options=recorded,
+        overwrite=bool(options.get("overwrite", False)),
+        max_shard_samples=int(options.get("max_shard_samples", 2000)),
+    )
+
+
+__all__ = [
+    "BUILDERS",
+    "HELDOUT_SPLIT",
+    "SPLITS",
+    "BuildResult",
+    "BuilderSpec",
+    "MissingPackageError",
+    "build",
+    "load_build_info",
+]

@@ -1,0 +1,278 @@
+"""Frozen features for evaluation: images and texts encoded in streamed batches into L2-normalised float32 arrays,
+and a disk cache of image features keyed by what determines them (weights, data, preprocessing, precision).
+
+Works with any CLIP-like model: ``encode_image(images [B, 3, S, S]) -> [B, D]`` and ``encode_text(tokens [B, L])
+-> [B, D]``; a clipforge model also supplies its own transform and config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from clipforge.checkpoint.atomic import atomic_path
+from clipforge.eval.datasets import EvalDataset
+
+log = logging.getLogger("clipforge.eval")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_CACHE_FORMAT = 1  # bump when what a cache entry holds changes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model helpers
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for bf16/fp16, a null context for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluate in eval mode (BatchNorm statistics frozen) without gradients; restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return model_device(model)
+    device = torch.device(device)
+    if model_device(model) != device:
+        model.to(device)
+    return device
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's config (when it has one) and every state-dict tensor (name, dtype, shape, bytes).
+
+    The same weights give the same fingerprint whichever file format they were loaded from; weights changed in
+    memory (a training run) give a new one.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    digest.update((config.to_json() if hasattr(config, "to_json") else type(model).__name__).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}\0{flat.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+@dataclass
+class EncodedImages:
+    """Image features in stored order, with labels, keys, captions and what was skipped (by reason)."""
+
+    features: np.ndarray  # [N, D] float32, L2-normalised
+    labels: np.ndarray  # [N] int64, -1 where the sample has no label
+    keys: list[str]
+    captions: list[tuple[str, ...]]
+    skipped: dict[str, int] = field(default_factory=dict)
+    from_cache: bool = False
+    seconds: float = 0.0  # encoding time (0 for a cache hit)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def encode_images(
+    model: nn.Module,
+    dataset: EvalDataset,
+    *,
+    transform: Callable[[Any], torch.Tensor] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    cache: FeatureCache | None = None,
+    fingerprint: str | None = None,
+    progress: bool = True,
+) -> EncodedImages:
+    """Encode every usable image of ``dataset``: features float32 [N, D], L2-normalised, in stored order.
+
+    ``transform`` defaults to the model's eval transform (``clipforge.get_transforms(model)``; other models must
+    pass theirs). ``device``: where to run (the model is moved there); None: the model's device. With
+    ``cache``, the result is looked up and stored under a key of (``fingerprint`` or
+    :func:`model_fingerprint` of the model, the dataset's fingerprint, the transform, the precision).
+    """
+    if transform is None:
+        from clipforge.transforms import get_transforms
+
+        transform = get_transforms(model)
+    run_device = _resolve_device(model, device)
+    key = None
+    if cache is not None:
+        key = cache.key(
+            kind="images",
+            model=fingerprint or model_fingerprint(model),
+            dataset=dataset.fingerprint(),
+            transform=repr(transform),
+            precision=precision,
+        )
+        hit = cache.load(key)
+        if hit is not None:
+            log.info(
+                "feature cache hit: %s (%d images of %s)", cache.path(key), len(hit["keys"]), dataset.name
+            )
+            return EncodedImages(
+                features=hit["features"],
+                labels=hit["labels"],
+                keys=[str(k) for k in hit["keys"]],
+                captions=[tuple(c) for c in json.loads(str(hit["captions"]))],
+                skipped=json.loads(str(hit["skipped"])),
+                from_cache=True,
+            )
+    started = time.perf_counter()
+    chunks: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    orders: list[np.ndarray] = []
+    keys: list[str] = []
+    captions: list[tuple[str, ...]] = []
+    skipped: Counter[str] = Counter()
+    bar = tqdm(
+        total=len(dataset), desc=f"encoding {Path(dataset.name).name}", unit="img", disable=not progress
+    )
+    with eval_mode(model), bar:
+        for batch in dataset.batches(transform, batch_size, num_workers):
+            skipped.update(batch.skipped)
+            bar.update(len(batch.keys) + sum(batch.skipped.values()))
+            if not batch.keys:
+                continue
+            with autocast_context(run_device, precision):
+                features = model.encode_image(batch.images.to(run_device))
+            chunks.append(F.normalize(features.float(), dim=-1).cpu().numpy())
+            labels.append(batch.labels.numpy())
+            orders.append(batch.order.numpy())
+            keys.extend(batch.keys)
+            captions.extend(batch.captions)
+    if not chunks:
+        raise ValueError(
+            f"{dataset.name}: no image could be used (skipped: {dict(skipped) or 'none'}); check the data"
+        )
+    order = np.argsort(np.concatenate(orders), kind="stable")
+    result = EncodedImages(
+        features=np.ascontiguousarray(np.concatenate(chunks)[order], dtype=np.float32),
+        labels=np.concatenate(labels)[order].astype(np.int64),
+        keys=[keys[i] for i in order],
+        captions=[captions[i] for i in order],
+        skipped=dict(sorted(skipped.items())),
+        seconds=time.perf_counter() - started,
+    )
+    if skipped:
+        log.warning("%s: skipped %s", dataset.name, ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+    if cache is not None and key is not None:
+        path = cache.save(
+            key,
+            features=result.features,
+            labels=result.labels,
+            keys=np.array(result.keys, dtype=str),
+            captions=np.array(json.dumps(result.captions)),
+            skipped=np.array(json.dumps(result.skipped)),
+        )
+        log.info("feature cache: wrote %s", path)
+    return result
+
+
+def encode_texts(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    texts: Sequence[str],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> np.ndarray:
+    """Encode ``texts``: float32 [M, D], L2-normalised, in the order given."""
+    if len(texts) == 0:
+        raise ValueError("no texts to encode")
+    run_device = _resolve_device(model, device)
+    chunks = []
+    with eval_mode(model):
+        for start in tqdm(
+            range(0, len(texts), batch_size), desc="encoding texts", unit="batch", disable=not progress
+        ):
+            tokens = tokenizer(list(texts[start : start + batch_size])).to(run_device)
+            with autocast_context(run_device, precision):
+                features = model.encode_text(tokens)
+            chunks.append(F.normalize(features.float(), dim=-1).cpu().numpy())
+    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/clipforge/features``, by default ``~/.cache/clipforge/features``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clipforge" / "features"
+
+
+class FeatureCache:
+    """``.npz`` files under ``directory``, one per key; written atomically, so a crash never leaves half a file.
+    An unreadable entry is treated as a miss (and logged), then overwritten."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
+
+    def key(self, **parts: Any) -> str:
+        """sha256 of the parts (and the cache format), as hex."""
+        text = json.dumps({"format": _CACHE_FORMAT, **parts}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.npz"
+
+    def load(self, key: str) -> dict[str, np.ndarray] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("feature cache: %s is unreadable (%s); recomputing", path, exc)
+            return None
+
+    def save(self, key: str, **arrays: np.ndarray) -> Path:
+        path = self.path(key)
+        with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+        return path

@@ -1,0 +1,101 @@
+"""What every training objective provides, and the plain gradient accumulation the non-contrastive ones share.
+
+An objective decides three things and nothing else: the model it trains (an image tower plus its own head), the
+gradient of its loss over a step's micro-batches, and how that model classifies images zero-shot from class
+names. The run loop (:mod:`clipforge.train.loop`), the data stream, the optimizer, checkpoints and evaluation
+hooks are the same for all objectives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from clipforge.config import ModelConfig
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images [b, 3, S, S], tokens [b, L])
+Autocast = Callable[[], contextlib.AbstractContextManager] | None
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+class ZeroShotScorer(Protocol):
+    """Scores preprocessed images against the classes it was built for: ``[N, 3, S, S] -> [N, C]``, higher is
+    more likely; the arg-max is the prediction."""
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class Objective(Protocol):
+    name: str
+
+    def build_model(self, config: ModelConfig) -> nn.Module:
+        """A randomly initialised model for ``config`` with ``.config``, ``encode_image`` and
+        ``set_grad_checkpointing`` (so tokenizer, transforms and the trainer work unchanged)."""
+        ...
+
+    def compute_gradients(
+        self,
+        model: nn.Module,
+        micro_batches: Sequence[MicroBatch],
+        autocast: Autocast = None,
+        loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Accumulate into ``.grad`` the gradient of the loss over the step's whole batch; return the loss."""
+        ...
+
+    def zero_shot_scorer(
+        self, model: nn.Module, tokenizer: Tokenizer, classnames: Sequence[str], templates: Sequence[str]
+    ) -> ZeroShotScorer:
+        """A scorer for these classes with the model's current weights (call under ``torch.no_grad()``)."""
+        ...
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    loss_of: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    micro_batches: Sequence[MicroBatch],
+    autocast: Autocast = None,
+    loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weight_of: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+) -> torch.Tensor:
+    """Gradient of the batch-mean loss over all micro-batches, for losses that are means over items.
+
+    Each micro-batch's mean loss is weighted by its share of the items (``weight_of(images, tokens)``; default:
+    its number of images), so the accumulated gradient equals one pass over the concatenated batch. Under
+    DistributedDataParallel gradients are synchronised on the last micro-batch only. Returns the batch-mean
+    loss (detached).
+    """
+    weight_of = weight_of or (lambda images, tokens: float(images.shape[0]))
+    weights = [weight_of(images, tokens) for images, tokens in micro_batches]
+    total = sum(weights)
+    ctx = autocast or contextlib.nullcontext
+    loss_sum = torch.zeros(())
+    for index, (images, tokens) in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with ctx():
+                loss = loss_of(model, images, tokens).float() * (weights[index] / total)
+            (loss_scale(loss) if loss_scale else loss).backward()
+        loss_sum = loss_sum + loss.detach().cpu()
+    return loss_sum
+
+
+def build_image_tower(config: ModelConfig) -> nn.Module:
+    """The image tower CLIP would use for ``config`` (ViT or ModifiedResNet), ending in ``embed_dim`` features."""
+    from clipforge.model.resnet import ModifiedResNet
+    from clipforge.model.vision import VisionTransformer
+
+    if config.vision.arch == "vit":
+        return VisionTransformer(config.vision, config.embed_dim, config.activation)
+    return ModifiedResNet(config.vision, config.embed_dim)
+
+
+def set_tower_checkpointing(visual: nn.Module, enabled: bool) -> None:
+    """Gradient checkpointing for an image tower, as :meth:`CLIP.set_grad_checkpointing` does it."""
+    target = getattr(visual, "transformer", visual)
+    target.grad_checkpointing = enabled
