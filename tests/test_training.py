@@ -158,3 +158,16 @@ def test_resume_refuses_changes_that_break_exactness(tmp_path, shards):
         train(config)
     summary = train(resume=tmp_path / "short", overrides={"steps": 4})  # extending the run is allowed
     assert summary.steps == 4 and summary.resumed_from.endswith("step_00000002.pt")
+
+
+def test_time_limit_stops_early_with_a_checkpoint_and_the_model(tmp_path, shards):
+    config = resolve_train_config(None, {
+        "data.train": [str(shards)], "data.batch_size": 8, "data.num_workers": 0, "steps": 50,
+        "run.output_dir": str(tmp_path), "run.name": "timed", "run.progress": False, "run.time_limit_s": 1e-6,
+        "run.checkpoint_every": 100,
+    })  # fmt: skip
+    summary = train(config)
+    assert summary.stopped_early and summary.steps == 1 and summary.samples_seen == 8
+    assert (tmp_path / "timed" / "model.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "timed" / "checkpoints").iterdir()] == ["step_00000001.pt"]
+    assert [r["step"] for r in read_metrics(tmp_path / "timed")] == [1]

@@ -60,7 +60,7 @@ def preset_path(name: str) -> Path:
 
 def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
     """Train, evaluate, write the report; returns the path of ``report.md``."""
-    from clipforge.data.builtin import builtin_dataset_info, builtin_split_shards
+    from clipforge.data.builtin import builtin_dataset_info, builtin_dataset_path
     from clipforge.train import resolve_train_config, train
 
     started = time.perf_counter()
@@ -72,7 +72,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
 
     preset = preset_path(settings.preset)
     overrides: dict[str, Any] = {
-        "data.train": [str(p) for p in builtin_split_shards("train")],
+        "data.train": [str(builtin_dataset_path(source) / "train") for source in sorted(info["sources"])],
         "run.output_dir": str(out),
         "run.name": "run",
         "run.progress": settings.progress,
@@ -265,6 +265,7 @@ def evaluate(
         probe = linear_probe(
             encoded["train"].features, encoded["train"].labels, test.features, test.labels,
             val_x=encoded["val"].features, val_y=encoded["val"].labels, max_iter=settings.probe_max_iter,
+            standardize=True,
         )  # fmt: skip
         probes[source] = {"test_accuracy": probe.test_accuracy, "c": probe.c, "val_accuracy": probe.val_accuracy,
                           "train_images": probe.num_train, "test_images": probe.num_test}  # fmt: skip
@@ -296,7 +297,8 @@ def evaluate(
     classifier = build_classifier(model, tokenizer, digit_names, ["a handwritten digit {}", "the number {}"])
     zs_digits = classify_features(enc["test"].features, enc["test"].labels, classifier)
     clip_probe = linear_probe(enc["train"].features, enc["train"].labels, enc["test"].features, enc["test"].labels,
-                              val_x=enc["val"].features, val_y=enc["val"].labels, max_iter=settings.probe_max_iter)  # fmt: skip
+                              val_x=enc["val"].features, val_y=enc["val"].labels, max_iter=settings.probe_max_iter,
+                              standardize=True)  # fmt: skip
     results["digits"] = {
         "test_images": len(test_imgs),
         "chance": float(np.bincount(enc["test"].labels).max()) / len(enc["test"]),
@@ -388,13 +390,17 @@ def render_report(r: dict[str, Any]) -> str:
         "",
         "## Zero-shot on classes never seen in training",
         "",
-        "| source | held-out classes | images | chance | single prompt | prompt ensemble |",
+        "| source | held-out classes | images | chance (majority / uniform) | single prompt | prompt ensemble |",
         "|---|---|---|---|---|---|",
     ]
     for source, v in r["zero_shot_heldout_classes"].items():
-        lines.append(f"| {source} | {', '.join(v['classes'])} | {v['images']} | {v['chance']:.3f} | "
+        lines.append(f"| {source} | {', '.join(v['classes'])} | {v['images']} | {v['chance']:.3f} / {1 / len(v['classes']):.3f} | "
                      f"{v['top1_single']:.3f} | {v['top1_ensemble']:.3f} ({v['templates']} prompts) |")  # fmt: skip
-    lines += ["", "Held out (never in the training split): "]
+    lines += [
+        "",
+        "Chance: the majority class's share (what always guessing the largest class scores) / one over the number "
+        "of classes. Held out (never in the training split):",
+    ]
     for source, v in r["held_out"].items():
         lines.append(f"- {source}: whole `{v['field']}` classes {', '.join(v['classes'])} ({v['rule']}).")
     lines += [

@@ -18,8 +18,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides["steps"] = args.steps
     settings = DemoSettings(
-        out_dir=args.out, preset=args.config, overrides=overrides, progress=not args.quiet
-    )
+        out_dir=args.out, preset=args.config, overrides=overrides, progress=not args.quiet,
+        probe_max_iter=200 if args.quick else 1000,
+    )  # fmt: skip
     report = run_demo(settings)
     print(report.read_text())
     print(f"report: {report}")

@@ -14,10 +14,11 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
     )
     from clipforge.train.config import parse_override
 
-    data = args.data or [str(_builtin("train"))]
-    eval_spec = args.eval_data or str(_builtin(None))
+    data = args.data or [str(_builtin(source) / "train") for source in ("emoji", "openclipart")]
+    eval_spec = args.eval_data or str(_builtin("openclipart"))
     eval_split = args.eval_split if args.eval_data or args.eval_split else "test"
-    templates = tuple(t.strip() for t in args.template) if args.template else ("a photo of a {}.",)
+    default_template = "a photo of a {}." if args.eval_data else "a clip-art drawing of a {}"  # built-in: clip art
+    templates = tuple(t.strip() for t in args.template) if args.template else (default_template,)
     zero_shot = load_zero_shot_set(eval_spec, model=args.model, split=eval_split, classnames=args.classnames,
                                    templates=templates, max_images=args.eval_images)  # fmt: skip
     overrides = dict(parse_override(o) for o in args.set)
@@ -44,11 +45,10 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
     return 0
 
 
-def _builtin(split: str | None) -> Path:
+def _builtin(source: str) -> Path:
     from clipforge.data.builtin import builtin_dataset_path
 
-    root = builtin_dataset_path()
-    return root / split if split else root
+    return builtin_dataset_path(source)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,9 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "accuracy every --eval-every steps; write results.json, results.md and fig2.png.",
     )
     p.add_argument(
-        "--data", action="append", default=None, help="training data (default: the built-in train split)"
+        "--data", action="append", default=None, help="training data (default: the built-in train splits)"
     )
-    p.add_argument("--eval-data", default=None, help="labelled zero-shot set (default: the built-in dataset)")
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        help="labelled zero-shot set (default: the built-in openclipart data, split test)",
+    )
     p.add_argument("--eval-split", default=None, help="split folder of --eval-data (built-in default: test)")
     p.add_argument("--eval-images", type=int, default=None, help="use only the first N evaluation images")
     p.add_argument("--classnames", default=None, help="class names file for the evaluation set")

@@ -92,10 +92,11 @@ def zero_shot_accuracy(
         scorer = get_objective(objective_name).zero_shot_scorer(
             model, get_tokenizer(model), data.classnames, data.templates
         )
+        device = next(model.parameters()).device
         correct = 0
         for start in range(0, data.images.shape[0], batch_size):
-            scores = scorer(data.images[start : start + batch_size])
-            correct += int((scores.argmax(dim=1) == data.labels[start : start + batch_size]).sum())
+            scores = scorer(data.images[start : start + batch_size].to(device))
+            correct += int((scores.argmax(dim=1).cpu() == data.labels[start : start + batch_size]).sum())
     model.train(was_training)
     return correct / data.images.shape[0]
 
@@ -176,8 +177,9 @@ def summarise(curves: Sequence[Curve], data: ZeroShotSet, config: ExperimentConf
         }
     chance = data.chance
     target = config.target_accuracy
-    if target is None:
-        lowest_best = min(v["best_mean"] for v in per_objective.values())
+    if target is None:  # halfway from chance to the weakest objective that beats chance at some point
+        above = [v["best_mean"] for v in per_objective.values() if v["best_mean"] > chance]
+        lowest_best = min(above) if above else max(v["best_mean"] for v in per_objective.values())
         target = chance + 0.5 * (lowest_best - chance)
     for value in per_objective.values():
         value["images_to_target"] = images_to_reach(value["images_seen"], value["mean"], target)

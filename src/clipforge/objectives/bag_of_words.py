@@ -92,7 +92,7 @@ class BagOfWordsObjective:
 
         def score(images: torch.Tensor) -> torch.Tensor:
             log_probs = torch.log_softmax(model(images).float(), dim=1)
-            return torch.stack([log_probs[:, i].mean(dim=1) for i in ids], dim=1)
+            return torch.stack([log_probs[:, i.to(log_probs.device)].mean(dim=1) for i in ids], dim=1)
 
         return score
 

@@ -120,9 +120,12 @@ class CaptioningObjective:
 
         def score(images: torch.Tensor) -> torch.Tensor:
             features = model.encode_image(images)
+            prompt_tokens = tokens.to(features.device)
             out = torch.empty(images.shape[0], len(prompts))
             for i in range(images.shape[0]):  # every prompt against image i, in one decoder batch
-                picked, mask = model.token_log_probs(features[i : i + 1].expand(len(prompts), -1), tokens)
+                picked, mask = model.token_log_probs(
+                    features[i : i + 1].expand(len(prompts), -1), prompt_tokens
+                )
                 out[i] = (picked * mask).sum(dim=1).cpu()
             return out.reshape(-1, num_classes, num_templates).mean(dim=2)
 

@@ -56,6 +56,9 @@ class RunConfig:
     keep_last: int = 3  # training checkpoints kept; older ones are deleted after a successful save
     eval_every: int = 0  # steps between evaluation hooks (0: never)
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    time_limit_s: float = (
+        0.0  # >0: stop early (with a checkpoint and the final model) once training took this long
+    )
     progress: bool = True  # tqdm bar on rank 0
 
 

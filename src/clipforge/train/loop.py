@@ -69,6 +69,7 @@ class RunSummary:
     samples_per_s: float
     skipped: dict[str, int] = field(default_factory=dict)
     nonfinite_steps: int = 0
+    stopped_early: bool = False  # run.time_limit_s ended it before the planned steps
     model_path: str = ""
     resumed_from: str | None = None
 
@@ -195,7 +196,10 @@ class _Trainer:
         started, interval_start = time.perf_counter(), time.perf_counter()
         interval_loss, interval_steps, consecutive_bad, last_loss = 0.0, 0, 0, None
         step = start_step
-        for step in range(start_step, total_steps):
+        planned_steps = total_steps
+        for step in range(start_step, planned_steps):
+            if step >= total_steps:
+                break
             micro_batches = []
             for _ in range(cfg.accum_steps):
                 batch: Batch = next(batches)
@@ -228,6 +232,10 @@ class _Trainer:
                         f"data. Checkpoints so far are in {self.run_dir / 'checkpoints'}"
                     )
             done = step + 1
+            if cfg.run.time_limit_s and done < total_steps and _out_of_time(started, cfg.run.time_limit_s):
+                log.warning("run.time_limit_s=%g reached after %d of %d steps; stopping early", cfg.run.time_limit_s,
+                            done, total_steps)  # fmt: skip
+                total_steps = done  # the last step: logged, checkpointed and summarised as the end of the run
             if progress is not None:
                 progress.update(1)
             if done % cfg.run.log_every == 0 or done == total_steps:
@@ -264,6 +272,7 @@ class _Trainer:
         summary = RunSummary(
             run_dir=str(self.run_dir),
             steps=total_steps,
+            stopped_early=total_steps < planned_steps,
             samples_seen=samples_seen,
             epochs=samples_seen / dataset_size if dataset_size else None,
             final_loss=last_loss,
@@ -473,3 +482,11 @@ def _progress(total: int, initial: int, enabled: bool):
 def _logit_scale(model: nn.Module) -> float | None:
     scale = getattr(model, "logit_scale", None)
     return float(scale.detach().exp()) if scale is not None else None
+
+
+def _out_of_time(started: float, limit_s: float) -> bool:
+    """Whether ``limit_s`` has passed since ``started`` (agreed by all ranks: rank 0's clock decides)."""
+    flag = torch.tensor([float(time.perf_counter() - started > limit_s)])
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
