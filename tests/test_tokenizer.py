@@ -241,7 +241,11 @@ def test_truncation_keeps_eot_counts_and_warns_once(reference, tokenizer, caplog
         tokenizer(["short", "texts"] * (1 + fillers))
         tokenizer(["a " * 40] + ["b"] * fillers, context_length=16)
     assert (tokenizer.num_truncated, tokenizer.num_tokenized) == (3, 4 + fillers + 3 * (1 + fillers))
-    assert len(caplog.records) == 1 and f"1 of {1 + fillers} texts" in caplog.records[0].getMessage()
+    assert caplog.records == []  # counted, but the log warns again only when the total reaches 10, 100, ...
+    with caplog.at_level(logging.WARNING, logger="clipforge.tokenizer"):
+        tokenizer(["a " * 40] * 7 + ["b"] * fillers, context_length=16)
+    assert tokenizer.num_truncated == 10
+    assert len(caplog.records) == 1 and f"7 of {7 + fillers} texts" in caplog.records[0].getMessage()
 
 
 @FILLERS

@@ -295,8 +295,14 @@ class Tokenizer:
                     f"use on_overflow='truncate' to keep the first {context_length - 1} tokens and end with the "
                     f"end token."
                 )
+            before = self.num_truncated
             self.num_truncated += int(overflow.size)
-            logger.warning(
+            # Every truncation is counted (num_truncated; the trainer reports it per run). The log warns when the
+            # running total first reaches 1, 10, 100, ... so a long run is not drowned in identical lines.
+            milestone = 10 ** len(str(max(before, 1))) if before else 1
+            level = logging.WARNING if self.num_truncated >= milestone else logging.DEBUG
+            logger.log(
+                level,
                 "truncated %d of %d texts to context_length=%d tokens (the longest had %d; the first was text "
                 "%d); %d truncated by this tokenizer so far",
                 overflow.size,

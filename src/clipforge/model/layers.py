@@ -3,7 +3,9 @@ plus position-embedding resampling."""
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,126 @@ def make_activation(name: str) -> nn.Module:
     raise ValueError(f"unknown activation '{name}'; use 'quick_gelu' or 'gelu'")
 
 
+def inference_only(module: nn.Module) -> bool:
+    """Eval mode and no autograd: where the towers take their inference-only fast paths (packed text, pooled
+    last block). Training, and anything that needs gradients, runs the plain padded computation, so that a
+    no-grad pass in train mode (the trainer's cached-feature pass) reproduces the gradient pass bit for bit:
+    the fast paths give the same values only up to float32 rounding, and their index ops are slow to
+    back-propagate on the CPU (profiled: scatter_add took 16% of a bf16 training step)."""
+    return not module.training and not torch.is_grad_enabled()
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q kᵀ / √d + mask) v on [B, H, Lq, Dh] queries and [B, H, Lk, Dh] keys/values.
+
+    ``causal``: query i sees keys ≤ i (Lq = Lk). ``mask``: boolean, broadcastable to [B, H, Lq, Lk], True = keep.
+    Uses ``F.scaled_dot_product_attention`` except when training in bf16/fp16 on the CPU: there PyTorch's
+    flash-attention backward is several times slower than plain matrix products at CLIP's sequence lengths
+    (profiled: 33-46% of a bf16 training step of the small config), so that case is written out, with the
+    softmax in float32.
+    """
+    reduced = q.dtype in (torch.bfloat16, torch.float16)
+    if not (reduced and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if causal:
+        mask = _causal_mask(q.shape[-2], q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    """[L, L] boolean, True on and below the diagonal (read-only; shared by every call)."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+class _Group(NamedTuple):
+    rows: torch.Tensor  # [n] sequences in this group (ascending)
+    length: int  # the group's longest sequence
+    gather: torch.Tensor  # [n * length] packed position of each padded slot (padding: the sequence's last)
+    keep: torch.Tensor  # [t] the real slots of the padded [n * length] layout
+    limit: torch.Tensor  # [n] position of each sequence's last token
+
+
+class Packing:
+    """Sequences of different lengths stored without padding: all sequences' tokens concatenated, [T, ...].
+
+    Built from ``lengths`` [B] (one host sync). ``index`` [T] gives each packed token's place in the padded
+    [B, L] grid (row-major, L = the longest length), ``last`` [B] the packed position of each sequence's last
+    token. Position-wise layers (linear, MLP, LayerNorm) run on the packed tokens; attention pads them again,
+    in groups of similar length (:meth:`split`/:meth:`merge`) so that short texts do not pay for long ones.
+    Groups minimise padded slots + ``group_cost`` × groups.
+    """
+
+    def __init__(self, lengths: torch.Tensor, group_cost: int = 0) -> None:
+        device, host = lengths.device, lengths.cpu()
+        self.lengths, self.batch, self.length = lengths, host.shape[0], int(host.max())
+        starts = host.cumsum(0) - host
+        grid = torch.arange(self.length)
+        self.index = (grid < host[:, None]).flatten().nonzero().squeeze(1).to(device)
+        self.last = (starts + host - 1).to(device)
+        self.groups: list[_Group] = []
+        order = []
+        for rows, length in length_groups(host, group_cost):
+            positions = starts[rows][:, None] + grid[:length]  # [n, length]
+            real = grid[:length] < host[rows][:, None]
+            # Padding slots repeat the sequence's last token: never seen (they follow every real query of
+            # their sequence), and finite, unlike uninitialised memory.
+            last = (starts[rows] + host[rows] - 1)[:, None]
+            gather = torch.where(real, positions, last).flatten()
+            keep = real.flatten().nonzero().squeeze(1)
+            self.groups.append(
+                _Group(rows.to(device), length, gather.to(device), keep.to(device), host[rows] - 1)
+            )
+            order.append(positions[real])
+        self.inverse = torch.argsort(torch.cat(order)).to(device) if len(self.groups) > 1 else None
+        rows = torch.cat([group.rows for group in self.groups])
+        self.row_inverse = torch.argsort(rows) if len(self.groups) > 1 else None
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Packed [T, C] -> per group [n, length, C] (after each sequence's end: copies of its last token)."""
+        return [x.index_select(0, g.gather).view(len(g.rows), g.length, -1) for g in self.groups]
+
+    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per group [n, length, C] -> packed [T, C] (padding dropped)."""
+        flat = [part.flatten(0, 1).index_select(0, g.keep) for part, g in zip(parts, self.groups)]
+        return flat[0] if self.inverse is None else torch.cat(flat).index_select(0, self.inverse)
+
+    def merge_rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per group [n, C] -> [B, C] in the original sequence order."""
+        return parts[0] if self.row_inverse is None else torch.cat(parts).index_select(0, self.row_inverse)
+
+
+def length_groups(lengths: torch.Tensor, group_cost: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by length: [(row indices ascending, the group's longest length)], shortest group first.
+
+    Minimises sum(rows × longest) + ``group_cost`` × groups over groups of consecutive lengths (dynamic
+    programming over the distinct lengths of a CPU tensor). ``group_cost=0`` gives one group per length.
+    """
+    counts = torch.bincount(lengths).tolist()
+    distinct = [length for length, count in enumerate(counts) if count]
+    sizes = [counts[length] for length in distinct]
+    best, cut = [0] * (len(distinct) + 1), [0] * (len(distinct) + 1)  # best[j]: cost of the j shortest
+    for j in range(1, len(distinct) + 1):
+        rows, best[j] = 0, -1
+        for i in range(j, 0, -1):
+            rows += sizes[i - 1]
+            cost = best[i - 1] + rows * distinct[j - 1] + group_cost
+            if best[j] < 0 or cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    bounds, j = [], len(distinct)
+    while j > 0:
+        bounds.append((distinct[cut[j] - 1] if cut[j] else 0, distinct[j - 1]))
+        j = cut[j]
+    return [
+        (((lengths > low) & (lengths <= high)).nonzero().squeeze(1), high) for low, high in reversed(bounds)
+    ]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection (the layout of ``nn.MultiheadAttention``)."""
 
@@ -37,13 +159,53 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        """x: [B, L, W] -> [B, L, W]."""
-        batch, length, width = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+    def forward(self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None) -> torch.Tensor:
+        """x [B, L, W] -> [B, L, W], or packed sequences x [T, W] -> [T, W] (see :class:`Packing`).
+
+        Packed sequences must be causal: padding then sits after every real token, where no query sees it.
+        """
+        qkv = self.qkv(x)
+        if packing is None:
+            return self.out(self._attend(qkv, causal))
+        return self.out(packing.merge([self._attend(part, causal) for part in packing.split(qkv)]))
+
+    def _attend(self, qkv: torch.Tensor, causal: bool) -> torch.Tensor:
+        """[B, L, 3W] -> [B, L, W]."""
+        batch, length = qkv.shape[:2]
+        q, k, v = qkv.view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, Dh]
+        return attention(q, k, v, causal=causal).transpose(1, 2).reshape(batch, length, -1)
+
+    def forward_rows(
+        self, x: torch.Tensor, rows: torch.Tensor, causal: bool = False, packing: Packing | None = None
+    ) -> torch.Tensor:
+        """The output at one position per sequence, [B, W]: ``forward(...)`` read at ``rows`` only.
+
+        Padded x [B, L, W]: ``rows`` [B] are positions (with ``causal``, row b sees positions ≤ rows[b]).
+        Packed x [T, W]: the rows are each sequence's last token, which sees its whole sequence. Keys and values
+        come from every position, the query from the pooled one only.
+        """
+        width = x.shape[-1]
+        weight, bias = self.qkv.weight, self.qkv.bias
+        kv = F.linear(x, weight[width:], bias[width:])
+        if packing is None:
+            query_in = x[torch.arange(x.shape[0], device=x.device), rows]
+            q = F.linear(query_in, weight[:width], bias[:width])
+            return self.out(self._attend_one(q, kv, rows if causal else None))
+        q = F.linear(x[packing.last], weight[:width], bias[:width])  # [B, W]
+        parts = [
+            self._attend_one(q[g.rows], part, g.limit.to(x.device))
+            for g, part in zip(packing.groups, packing.split(kv))
+        ]
+        return self.out(packing.merge_rows(parts))
+
+    def _attend_one(self, q: torch.Tensor, kv: torch.Tensor, limit: torch.Tensor | None) -> torch.Tensor:
+        """One query per sequence: q [B, W], kv [B, L, 2W] -> [B, W]; ``limit`` [B]: last key seen."""
+        batch, length = kv.shape[:2]
+        k, v = kv.view(batch, length, 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, Dh]
+        mask = None
+        if limit is not None:
+            mask = (torch.arange(length, device=kv.device) <= limit[:, None]).view(batch, 1, 1, length)
+        return attention(q.view(batch, self.heads, 1, -1), k, v, mask=mask).reshape(batch, -1)
 
 
 class MLP(nn.Module):
@@ -67,13 +229,26 @@ class ResidualBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio), activation)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=causal, packing=packing)
         return x + self.mlp(self.norm2(x))
+
+    def forward_rows(
+        self, x: torch.Tensor, rows: torch.Tensor, causal: bool = False, packing: Packing | None = None
+    ) -> torch.Tensor:
+        """The block's output at the pooled rows only, [B, W] (see :meth:`Attention.forward_rows`): the
+        output projection and the MLP run on B rows instead of every token."""
+        if packing is None:
+            picked = x[torch.arange(x.shape[0], device=x.device), rows]
+        else:
+            picked = x[packing.last]
+        picked = picked + self.attn.forward_rows(self.norm1(x), rows, causal=causal, packing=packing)
+        return picked + self.mlp(self.norm2(picked))
 
 
 class Transformer(nn.Module):
-    """A stack of residual blocks on [B, L, W] tensors, with optional gradient checkpointing per block."""
+    """A stack of residual blocks on [B, L, W] tensors (or packed causal sequences), with optional gradient
+    checkpointing per block."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str) -> None:
         super().__init__()
@@ -81,13 +256,35 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(width, heads, mlp_ratio, activation) for _ in range(layers))
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
-            else:
-                x = block(x, causal=causal)
-        return x
+    def forward(
+        self,
+        x: torch.Tensor,
+        causal: bool = False,
+        rows: torch.Tensor | None = None,
+        packing: Packing | None = None,
+    ) -> torch.Tensor:
+        """x [B, L, W] -> [B, L, W] (packed: [T, W] -> [T, W]).
+
+        ``rows`` [B]: return only each sequence's output at that position, [B, W] (packed: pass
+        ``packing.last``). A pooled model needs no other output of the last block, so that block computes
+        keys and values everywhere and everything else for the pooled rows only; the result is the same.
+        """
+        if packing is not None and not causal:
+            raise ValueError("packed sequences need causal attention (padding must come after every query)")
+        blocks = list(self.blocks)
+        last = blocks.pop() if rows is not None and blocks else None
+        for block in blocks:
+            x = self._run(block, x, causal, packing)
+        if last is not None:
+            return self._run(last.forward_rows, x, rows, causal, packing)
+        if rows is None:
+            return x
+        return x[rows] if packing is not None else x[torch.arange(x.shape[0], device=x.device), rows]
+
+    def _run(self, fn, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def init_weights(self) -> None:
         """OpenAI's initialisation: std width^-0.5 for attention inputs, scaled by depth for output projections."""

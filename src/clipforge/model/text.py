@@ -6,16 +6,24 @@ import torch
 from torch import nn
 
 from clipforge.config import TextConfig
-from clipforge.model.layers import Transformer, resample_sequence_pos_embed
+from clipforge.model.layers import Packing, Transformer, inference_only, resample_sequence_pos_embed
+
+# Attention runs on groups of texts of similar length (see Packing); a group's fixed cost, in padded tokens. On
+# the CPU a group costs a few kernel launches (thread-pool wake-ups: milliseconds on a busy machine), a padded
+# token ~3·width bytes and ~4·L·width FLOPs: ~3 groups for 256 short captions. On a GPU launches dominate.
+ATTENTION_GROUP_COST = {"cpu": 1024}
+ATTENTION_GROUP_COST_OTHER = 16384  # GPUs
 
 
 class TextTransformer(nn.Module):
     """Token ids [B, L] -> embeddings [B, embed_dim].
 
     Pools at each row's end-of-text token, found as the row's largest id (the end token is the last entry of
-    CLIP's vocabulary; this is exactly OpenAI's rule). Under the causal mask that position never sees the
-    padding after it, so the batch is cut to its longest text before the transformer: the result is the same
-    and padding costs nothing.
+    CLIP's vocabulary; this is exactly OpenAI's rule). Under the causal mask that position never sees what
+    follows it, so padding is not computed: in training the batch is cut to its longest text; in inference
+    (eval mode, no autograd) the tokens run packed (:class:`Packing`: position-wise layers see only real
+    tokens, attention pads groups of similar length) and the last block, final norm and projection run on
+    the end token only. Either way the result is the padded computation's.
     """
 
     def __init__(self, config: TextConfig, embed_dim: int, activation: str) -> None:
@@ -44,12 +52,21 @@ class TextTransformer(nn.Module):
                 f"token length {tokens.shape[1]} exceeds the model's context length {self.context_length}; "
                 "tokenize with clipforge.get_tokenizer(model) or call model.resize_context(length)"
             )
-        pool_index = tokens.argmax(dim=-1)  # [B]
-        length = int(pool_index.max()) + 1 if tokens.shape[0] else 1
-        x = self.token_embed(tokens[:, :length]) + self.pos_embed[:length]
-        x = self.norm_final(self.transformer(x, causal=True))
-        pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]
-        return self.proj(pooled)
+        if tokens.shape[0] == 0:
+            return self.proj(self.norm_final(self.token_embed(tokens.new_zeros(0))))
+        lengths = tokens.argmax(dim=-1) + 1  # [B]: up to and including the end token
+        if not inference_only(self):  # training: the batch cut to its longest text (see inference_only)
+            length = int(lengths.max())
+            x = self.transformer(self.token_embed(tokens[:, :length]) + self.pos_embed[:length], causal=True)
+            pooled = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+        else:
+            cost = ATTENTION_GROUP_COST.get(tokens.device.type, ATTENTION_GROUP_COST_OTHER)
+            packing = Packing(lengths, group_cost=cost)  # one host sync
+            ids = tokens[:, : packing.length].flatten()[packing.index]
+            positions = packing.index % packing.length
+            x = self.token_embed(ids) + self.pos_embed[positions]  # [T, W]: real tokens only
+            pooled = self.transformer(x, causal=True, rows=packing.last, packing=packing)  # [B, W]
+        return self.proj(self.norm_final(pooled))
 
     @torch.no_grad()
     def resize_context(self, context_length: int) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from clipforge.config import VisionConfig
-from clipforge.model.layers import Transformer, resample_grid_pos_embed
+from clipforge.model.layers import Transformer, inference_only, resample_grid_pos_embed
 
 
 class VisionTransformer(nn.Module):
@@ -48,8 +48,12 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, g*g, W]
         class_token = self.class_token.to(x.dtype).expand(batch, 1, width)
         x = torch.cat([class_token, x], dim=1) + self.pos_embed.to(x.dtype)
-        x = self.transformer(self.norm_pre(x))
-        return self.proj(self.norm_post(x[:, 0]))
+        x = self.norm_pre(x)
+        if inference_only(self):  # the last block runs its MLP on the class token only
+            pooled = self.transformer(x, rows=torch.zeros(batch, dtype=torch.long, device=x.device))
+        else:
+            pooled = self.transformer(x)[:, 0]
+        return self.proj(self.norm_post(pooled))
 
     @torch.no_grad()
     def resize_image(self, image_size: int) -> None:
