@@ -18,7 +18,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ def preset_path(name: str) -> Path:
 def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
     """Train, evaluate, write the report; returns the path of ``report.md``."""
     from clipforge.data.builtin import builtin_dataset_info, builtin_dataset_path
+    from clipforge.eval.report import jsonable
     from clipforge.train import resolve_train_config, train
 
     started = time.perf_counter()
@@ -125,7 +126,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
     }
     shutil.copyfile(Path(summary.run_dir) / "loss.png", out / "loss.png")
     _plot_curve(curve, heldout, out / "zeroshot_over_training.png")
-    (out / "report.json").write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
     report = out / "report.md"
     report.write_text(render_report(results))
     return report
@@ -438,15 +439,3 @@ def render_report(r: dict[str, Any]) -> str:
         f"{r['wall_time_s']['evaluate'] / 60:.1f} min, total {r['wall_time_s']['total'] / 60:.1f} min.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if hasattr(value, "__dataclass_fields__"):
-        return _jsonable(asdict(value))
-    return value

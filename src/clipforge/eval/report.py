@@ -21,15 +21,16 @@ CONFUSION_PNG = "confusion.png"
 MAX_LABELLED_CLASSES = 40
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy values, paths and non-finite floats (-> None) made JSON-serialisable, recursively."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return _jsonable(value.item())
+        return jsonable(value.item())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):
@@ -94,7 +95,7 @@ def write_results(
         "wall_time_s": wall_time_s,
     }
     path = out / RESULTS_JSON
-    _write_text(path, json.dumps(_jsonable(record), indent=2) + "\n")
+    _write_text(path, json.dumps(jsonable(record), indent=2) + "\n")
     _write_text(out / RESULTS_MD, _markdown(record, tables))
     return path
 
@@ -133,7 +134,7 @@ def _markdown(
     parts.append("\n## Settings\n\n")
     parts.append(
         markdown_table(
-            [(k, json.dumps(_jsonable(v))) for k, v in record["settings"].items()], ["setting", "value"]
+            [(k, json.dumps(jsonable(v))) for k, v in record["settings"].items()], ["setting", "value"]
         )
     )
     return "".join(parts)
