@@ -24,6 +24,8 @@ from clipforge.data.builders.core import (
     assign_splits,
     choose_heldout_classes,
     load_rules,
+    mention_counts,
+    mentions,
     split_counts,
 )
 from clipforge.data.builders.digits import NUMBER_WORDS, digit_image
@@ -353,6 +355,35 @@ def test_heldout_choice_rules() -> None:
         choose_heldout_classes(counts, 11, 10)
     with pytest.raises(ValueError, match="not both"):
         SplitOptions(heldout_classes=2, heldout_every=5)
+
+
+def test_heldout_mention_rule() -> None:
+    """Only classes named in >= M captions of other classes (or of the extra texts) may be held out."""
+    assert mentions("heart", "Two Hearts, love") and mentions("body part", "body  parts")
+    assert not mentions("map", "a mapping tool") and not mentions("tool", "toolbox")
+    fields = (LabelField("label", "class"),)
+    captions = {"cat": "a cat", "dog": "a dog near two cats", "fish": "a fish", "owl": "an owl, a bird"}
+    candidates = [
+        Candidate(f"{name}/{i}.png", b"", (captions[name],), (name,)) for name in captions for i in range(4)
+    ]
+    assert mention_counts(candidates, 0) == {"cat": 4, "dog": 0, "fish": 0, "owl": 0}
+    assert mention_counts(candidates, 0, ["fish soup", "dogs", "fish"]) == {
+        "cat": 4,
+        "dog": 1,
+        "fish": 2,
+        "owl": 0,
+    }
+    options = SplitOptions(heldout_every=2, heldout_min_count=1, heldout_min_mentions=2)
+    with pytest.raises(ValueError, match="selects no class"):  # only "cat" is eligible: there is no 2nd
+        assign_splits(candidates, fields, options)
+    options = SplitOptions(heldout_classes=1, heldout_min_count=1, heldout_min_mentions=2)
+    assert assign_splits(candidates, fields, options)[1] == ["cat"]
+    options = SplitOptions(
+        heldout_classes=1, heldout_min_count=1, heldout_min_mentions=2, heldout_mention_texts=("fish", "fish")
+    )
+    assert assign_splits(candidates, fields, options)[1] == [
+        "fish"
+    ]  # cat, fish eligible: position floor(0.5*2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from PIL import Image
 
 from clipforge.cli import main
@@ -24,7 +25,9 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     for source in ("openclipart", "emoji"):
         zs = report["zero_shot_heldout_classes"][source]
         assert fraction(zs["top1_single"]) and fraction(zs["top1_ensemble"]) and fraction(zs["chance"])
-        assert len(zs["classes"]) == 6 and zs["images"] > 100
+        assert fraction(zs["mean_per_class_single"]) and fraction(zs["mean_per_class_ensemble"])
+        assert zs["uniform_chance"] == pytest.approx(1 / len(zs["classes"]))
+        assert len(zs["classes"]) == 5 and zs["images"] > 100
         assert set(report["held_out"][source]["classes"]) == set(zs["classes"])
         assert fraction(report["zero_shot_seen_classes"][source]["top1"])
         assert fraction(report["linear_probe"][source]["test_accuracy"])

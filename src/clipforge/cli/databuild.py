@@ -32,6 +32,8 @@ def builder_options(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "heldout_field": args.heldout_field,
         "heldout_min_count": args.heldout_min_count,
+        "heldout_min_mentions": args.heldout_min_mentions,
+        "heldout_max_count": args.heldout_max_count,
         "overwrite": args.overwrite,
         "max_shard_samples": args.max_shard_samples,
         "progress": not args.quiet,
@@ -137,6 +139,19 @@ def register_build(data_subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=10,
         help="only classes with this many samples may be held out",
+    )
+    p.add_argument(
+        "--heldout-max-count",
+        type=int,
+        default=0,
+        help="classes with more samples than this stay in training (0: no limit)",
+    )
+    p.add_argument(
+        "--heldout-min-mentions",
+        type=int,
+        default=0,
+        help="only classes whose name appears in the captions of this many samples of other classes may be "
+        "held out (zero-shot then tests a concept known from other images' language)",
     )
     p.add_argument(
         "--root", default=None, help="package tree copy: openclipart (has png/ svg/), tuxpaint stamps"

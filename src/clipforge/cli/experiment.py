@@ -14,13 +14,24 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
     )
     from clipforge.train.config import parse_override
 
+    if args.from_results:
+        from clipforge.experiments.objectives import resummarise
+
+        results = resummarise(args.from_results, args.out, args.target)
+        print(Path(args.out, "results.md").read_text())
+        print(f"results: {Path(args.out) / 'results.json'}\nplot:    {Path(args.out) / 'fig2.png'}")
+        return 0
+
     data = args.data or [str(_builtin(source) / "train") for source in ("emoji", "openclipart")]
     eval_spec = args.eval_data or str(_builtin("openclipart"))
     eval_split = args.eval_split if args.eval_data or args.eval_split else "test"
-    default_template = "a photo of a {}." if args.eval_data else "a clip-art drawing of a {}"  # built-in: clip art
+    default_template = (
+        "a photo of a {}." if args.eval_data else "a clip-art drawing of a {}"
+    )  # built-in: clip art
     templates = tuple(t.strip() for t in args.template) if args.template else (default_template,)
     zero_shot = load_zero_shot_set(eval_spec, model=args.model, split=eval_split, classnames=args.classnames,
-                                   templates=templates, max_images=args.eval_images)  # fmt: skip
+                                   templates=templates, max_images=args.eval_images,
+                                   present_only=args.present_classes_only)  # fmt: skip
     overrides = dict(parse_override(o) for o in args.set)
     overrides.setdefault("data.num_workers", args.workers)
     overrides.setdefault("run.progress", not args.quiet)
@@ -34,6 +45,7 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         lr=args.lr,
         target_accuracy=args.target,
+        metric=args.metric,
         train_overrides=overrides,
     )
     results = run_objectives_experiment(config, zero_shot, args.out)
@@ -71,6 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-split", default=None, help="split folder of --eval-data (built-in default: test)")
     p.add_argument("--eval-images", type=int, default=None, help="use only the first N evaluation images")
     p.add_argument("--classnames", default=None, help="class names file for the evaluation set")
+    p.add_argument(
+        "--present-classes-only",
+        action="store_true",
+        help="classify among the classes that have evaluation images only (e.g. --eval-split test_heldout)",
+    )
     p.add_argument("--template", action="append", default=None, help="prompt template(s), '{}' = class name")
     p.add_argument(
         "--model", default="tiny", help="architecture (the image tower is shared by all objectives)"
@@ -81,6 +98,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--eval-every", type=int, default=30)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--from-results",
+        default=None,
+        help="no training: summarise a finished run's results.json again (e.g. with another --target) into --out",
+    )
+    p.add_argument(
+        "--metric",
+        choices=("top1", "mean_per_class"),
+        default="top1",
+        help="zero-shot accuracy: top-1, or mean per-class (chance 1/K on unbalanced eval sets)",
+    )
     p.add_argument(
         "--target", type=float, default=None, help="accuracy for the efficiency ratios (default: auto)"
     )

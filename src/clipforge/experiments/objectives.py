@@ -27,6 +27,10 @@ from clipforge.train import HookContext, resolve_train_config, train
 
 log = logging.getLogger("clipforge.experiments")
 
+METRICS = ("top1", "mean_per_class")
+# Auto target: an objective "clearly leaves chance" when its best mean accuracy exceeds chance by this share of the
+# best objective's gain over chance; the others count as never reaching it (their ratios become lower bounds).
+AUTO_TARGET_MARGIN = 0.2
 LABELS = {"captioning": "transformer LM (captioning)", "bag_of_words": "bag-of-words prediction",
           "contrastive": "contrastive (CLIP)"}  # fmt: skip
 
@@ -54,6 +58,11 @@ class ZeroShotSet:
         """Accuracy of always predicting the most frequent class."""
         return float(torch.bincount(self.labels).max()) / self.labels.shape[0]
 
+    def chance_for(self, metric: str) -> float:
+        """Chance level of ``metric``: the majority share for ``top1``; for ``mean_per_class``, 1/K with K the
+        candidate classes (what uniform guessing scores on every class)."""
+        return self.chance if metric == "top1" else 1.0 / len(self.classnames)
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -66,9 +75,12 @@ class ExperimentConfig:
     eval_every: int = 20
     lr: float = 5e-4
     target_accuracy: float | None = (
-        None  # None: the midpoint between chance and the lowest best mean accuracy
+        None  # None: midpoint between chance and the lowest best mean of the objectives clearly above chance
     )
     eval_batch_size: int = 128
+    metric: str = (
+        "top1"  # or "mean_per_class": each class's accuracy averaged (chance 1/K on unbalanced sets)
+    )
     train_overrides: dict[str, Any] = field(default_factory=dict)  # dotted TrainConfig keys for every run
 
 
@@ -83,9 +95,10 @@ class Curve:
 
 
 def zero_shot_accuracy(
-    objective_name: str, model: torch.nn.Module, data: ZeroShotSet, batch_size: int
+    objective_name: str, model: torch.nn.Module, data: ZeroShotSet, batch_size: int, metric: str = "top1"
 ) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` with the objective's zero-shot rule."""
+    """Accuracy of ``model`` on ``data`` with the objective's zero-shot rule: ``top1`` (share of images right)
+    or ``mean_per_class`` (each class's share right, averaged over the classes present)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -93,12 +106,15 @@ def zero_shot_accuracy(
             model, get_tokenizer(model), data.classnames, data.templates
         )
         device = next(model.parameters()).device
-        correct = 0
-        for start in range(0, data.images.shape[0], batch_size):
-            scores = scorer(data.images[start : start + batch_size].to(device))
-            correct += int((scores.argmax(dim=1).cpu() == data.labels[start : start + batch_size]).sum())
+        predicted = torch.cat([
+            scorer(data.images[start : start + batch_size].to(device)).argmax(dim=1).cpu()
+            for start in range(0, data.images.shape[0], batch_size)
+        ])  # fmt: skip
     model.train(was_training)
-    return correct / data.images.shape[0]
+    right = (predicted == data.labels).float()
+    if metric == "top1":
+        return float(right.mean())
+    return float(torch.stack([right[data.labels == c].mean() for c in data.labels.unique()]).mean())
 
 
 def run_objectives_experiment(
@@ -111,6 +127,8 @@ def run_objectives_experiment(
     unknown = sorted(set(config.objectives) - set(OBJECTIVES))
     if unknown:
         raise ValueError(f"objectives: unknown {unknown}; choose from {', '.join(OBJECTIVES)}")
+    if config.metric not in METRICS:
+        raise ValueError(f"metric: unknown {config.metric!r}; choose from {', '.join(METRICS)}")
     if config.steps % config.eval_every:
         raise ValueError(f"steps ({config.steps}) must be a multiple of eval_every ({config.eval_every})")
     started = time.perf_counter()
@@ -118,21 +136,53 @@ def run_objectives_experiment(
     for objective in config.objectives:
         for seed in config.seeds:
             curves.append(_run_one(config, data, objective, seed, out / "runs"))
-    results = summarise(curves, data, config)
+    results = summarise(curves, describe(data, config.metric), config)
     results["wall_time_s"] = time.perf_counter() - started
+    _write(results, out)
+    return results
+
+
+def describe(data: ZeroShotSet, metric: str) -> dict[str, Any]:
+    """The evaluation set as recorded in ``results.json`` (name, size, templates, metric and its chance)."""
+    return {
+        "name": data.name,
+        "images": int(data.images.shape[0]),
+        "classes": len(data.classnames),
+        "templates": list(data.templates),
+        "chance": data.chance_for(metric),
+        "metric": metric,
+    }
+
+
+def resummarise(
+    results_path: str | Path, out_dir: str | Path, target_accuracy: float | None = None
+) -> dict[str, Any]:
+    """Recompute a finished experiment's summary from its ``results.json`` (the per-run curves), e.g. at another
+    target accuracy, without training again; writes ``results.json``, ``results.md`` and ``fig2.png`` into
+    ``out_dir`` and returns the results."""
+    old = json.loads(Path(results_path).read_text())
+    config = {**old["config"], "target_accuracy": target_accuracy}
+    config.update({k: tuple(config[k]) for k in ("train_data", "objectives", "seeds")})
+    results = summarise([Curve(**run) for run in old["runs"]], old["eval_set"], ExperimentConfig(**config))
+    results["wall_time_s"] = old.get("wall_time_s")
+    _write(results, Path(out_dir))
+    return results
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "fig2.png")
-    return results
 
 
 def _run_one(config: ExperimentConfig, data: ZeroShotSet, objective: str, seed: int, runs: Path) -> Curve:
     points: list[tuple[int, float]] = []
 
     def hook(ctx: HookContext) -> dict[str, float]:
-        accuracy = zero_shot_accuracy(objective, ctx.model, data, config.eval_batch_size)
+        accuracy = zero_shot_accuracy(objective, ctx.model, data, config.eval_batch_size, config.metric)
         points.append((ctx.samples_seen, accuracy))
-        return {"zeroshot_top1": accuracy}
+        return {f"zeroshot_{config.metric}": accuracy}
 
     overrides = {
         "model": config.model, "objective": objective, "seed": seed, "steps": config.steps,
@@ -159,8 +209,9 @@ def images_to_reach(images_seen: Sequence[int], accuracy: Sequence[float], targe
     return None
 
 
-def summarise(curves: Sequence[Curve], data: ZeroShotSet, config: ExperimentConfig) -> dict[str, Any]:
-    """Seed mean/min/max per objective, images to reach the target accuracy, and the efficiency ratios."""
+def summarise(curves: Sequence[Curve], eval_set: dict[str, Any], config: ExperimentConfig) -> dict[str, Any]:
+    """Seed mean/min/max per objective, images to reach the target accuracy, and the efficiency ratios.
+    ``eval_set``: :func:`describe` of the evaluation set (its ``chance`` sets the auto target)."""
     per_objective: dict[str, dict[str, Any]] = {}
     for objective in dict.fromkeys(c.objective for c in curves):
         runs = [c for c in curves if c.objective == objective]
@@ -175,10 +226,14 @@ def summarise(curves: Sequence[Curve], data: ZeroShotSet, config: ExperimentConf
             "final_std": float(acc[:, -1].std()),
             "best_mean": float(acc.mean(0).max()),
         }
-    chance = data.chance
+    chance = eval_set["chance"]
     target = config.target_accuracy
-    if target is None:  # halfway from chance to the weakest objective that beats chance at some point
-        above = [v["best_mean"] for v in per_objective.values() if v["best_mean"] > chance]
+    if (
+        target is None
+    ):  # halfway from chance to the weakest objective that clearly leaves chance at some point
+        top = max(v["best_mean"] for v in per_objective.values())
+        clear = chance + AUTO_TARGET_MARGIN * (top - chance)
+        above = [v["best_mean"] for v in per_objective.values() if v["best_mean"] > clear]
         lowest_best = min(above) if above else max(v["best_mean"] for v in per_objective.values())
         target = chance + 0.5 * (lowest_best - chance)
     for value in per_objective.values():
@@ -187,17 +242,10 @@ def summarise(curves: Sequence[Curve], data: ZeroShotSet, config: ExperimentConf
     pairs = [("captioning", "bag_of_words"), ("bag_of_words", "contrastive"), ("captioning", "contrastive")]
     for slow, fast in pairs:
         if slow in per_objective and fast in per_objective:
-            ratios[f"{slow}/{fast}"] = _ratio(per_objective[slow]["images_to_target"],
-                                              per_objective[fast]["images_to_target"], per_objective[slow])  # fmt: skip
+            ratios[f"{slow}/{fast}"] = _ratio(per_objective[slow], per_objective[fast])
     return {
         "config": {**asdict(config), "objectives": list(config.objectives), "seeds": list(config.seeds)},
-        "eval_set": {
-            "name": data.name,
-            "images": int(data.images.shape[0]),
-            "classes": len(data.classnames),
-            "templates": list(data.templates),
-            "chance": chance,
-        },
+        "eval_set": eval_set,
         "target_accuracy": target,
         "objectives": per_objective,
         "efficiency_ratios": ratios,
@@ -205,25 +253,33 @@ def summarise(curves: Sequence[Curve], data: ZeroShotSet, config: ExperimentConf
     }
 
 
-def _ratio(slow: float | None, fast: float | None, slow_curve: dict[str, Any]) -> dict[str, Any]:
-    """images(slow) / images(fast) at the target; a lower bound when the slow one never got there."""
+def _ratio(slow_curve: dict[str, Any], fast_curve: dict[str, Any]) -> dict[str, Any]:
+    """images(slow) / images(fast) at the target, with what kind of number it is: exact (both crossings
+    interpolated between evaluations), or a lower bound when the slower one never got there (its budget is used)
+    or the faster one was already there at the first evaluation (it may have got there sooner)."""
+    slow, fast = slow_curve["images_to_target"], fast_curve["images_to_target"]
     if fast is None or fast == 0:
         return {"value": None, "note": "the faster objective did not reach the target"}
+    bounds = []
     if slow is None:
-        budget = slow_curve["images_seen"][-1]
-        return {"value": budget / fast, "note": "lower bound: the slower objective never reached the target"}
-    return {"value": slow / fast, "note": "exact (interpolated)"}
+        slow = slow_curve["images_seen"][-1]
+        bounds.append("the slower objective never reached the target")
+    if fast <= fast_curve["images_seen"][0]:
+        bounds.append("the faster one was there at the first evaluation")
+    note = "lower bound: " + "; ".join(bounds) if bounds else "exact (interpolated)"
+    return {"value": slow / fast, "note": note}
 
 
 def markdown(results: dict[str, Any]) -> str:
     ev = results["eval_set"]
+    metric = {"top1": "top-1", "mean_per_class": "mean per-class accuracy"}[ev.get("metric", "top1")]
     lines = [
         "# Fig. 2: zero-shot accuracy vs images seen, by objective",
         "",
         f"Eval set `{ev['name']}`: {ev['images']} images, {ev['classes']} classes, chance {ev['chance']:.3f}; "
         f"seeds {results['config']['seeds']}; target accuracy {results['target_accuracy']:.3f}.",
         "",
-        "| objective | final top-1 (mean ± std) | best mean | images to target |",
+        f"| objective | final {metric} (mean ± std) | best mean | images to target |",
         "|---|---|---|---|",
     ]
     for name, v in results["objectives"].items():
@@ -251,7 +307,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.axhline(results["eval_set"]["chance"], color="gray", linestyle=":", label="chance")
     ax.axhline(results["target_accuracy"], color="black", linestyle="--", linewidth=0.8, label="target")
     ax.set_xlabel("images seen")
-    ax.set_ylabel("zero-shot top-1 accuracy")
+    metric = results["eval_set"].get("metric", "top1")
+    ax.set_ylabel("zero-shot " + ("top-1 accuracy" if metric == "top1" else "mean per-class accuracy"))
     ax.set_title(f"Objectives at equal images seen ({len(results['config']['seeds'])} seeds, min–max band)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -264,9 +321,11 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def load_zero_shot_set(spec: str, *, model: str = "tiny", split: str | None = None, classnames: str | None = None,
                        templates: Sequence[str] = ("a photo of a {}.",), max_images: int | None = None,
-                       label_field: str = "label") -> ZeroShotSet:  # fmt: skip
+                       label_field: str = "label", present_only: bool = False) -> ZeroShotSet:  # fmt: skip
     """Read a labelled evaluation set (any form :func:`clipforge.eval.datasets.open_eval_dataset` reads) and
-    preprocess it once with ``model``'s eval transform. Images that fail to load are skipped and counted."""
+    preprocess it once with ``model``'s eval transform. Images that fail to load are skipped and counted.
+    ``present_only``: the candidate classes are only those with images here (e.g. a ``test_heldout`` split
+    whose class list names every class of the dataset)."""
     from clipforge.config import get_model_config
     from clipforge.eval.datasets import open_eval_dataset
     from clipforge.transforms import get_transforms
@@ -283,5 +342,10 @@ def load_zero_shot_set(spec: str, *, model: str = "tiny", split: str | None = No
         labels.append(sample.label)
         if max_images is not None and len(images) >= max_images:
             break
-    return ZeroShotSet(torch.stack(images), torch.tensor(labels), tuple(dataset.classnames), tuple(templates),
+    names = list(dataset.classnames)
+    if present_only:
+        present = sorted(set(labels))
+        remap = {c: k for k, c in enumerate(present)}
+        labels, names = [remap[c] for c in labels], [names[c] for c in present]
+    return ZeroShotSet(torch.stack(images), torch.tensor(labels), tuple(names), tuple(templates),
                        name=f"{spec}" + (f" [{split}]" if split else "") + (f" (first {len(images)})" if max_images else ""))  # fmt: skip

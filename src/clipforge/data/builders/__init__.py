@@ -3,7 +3,7 @@ webdataset shards with train/val/test splits and class labels. See ``docs/data.m
 
 ``build(name, out, **options)`` runs one builder; :data:`BUILDERS` lists them. Options shared by all
 builders: ``size``, ``image_format``, ``jpeg_quality`` (thumbnails), ``fractions``, ``seed``,
-``heldout_classes``, ``heldout_every``, ``heldout_field``, ``heldout_min_count`` (splits), ``overwrite``, ``max_shard_samples``,
+``heldout_classes``, ``heldout_every``, ``heldout_field``, ``heldout_min_count``, ``heldout_max_count``, ``heldout_min_mentions`` (splits), ``overwrite``, ``max_shard_samples``,
 ``progress``. Every other option goes to the builder's ``collect`` (e.g. ``png_root=`` for openclipart).
 """
 
@@ -82,6 +82,10 @@ _SPLIT_OPTIONS = (
     "heldout_every",
     "heldout_field",
     "heldout_min_count",
+    "heldout_max_count",
+    "heldout_min_mentions",
+    "heldout_mention_texts",
+    "heldout_mention_note",
 )
 _WRITE_OPTIONS = ("overwrite", "max_shard_samples")
 
@@ -102,11 +106,14 @@ def build(name: str, out: str | Path, **options: Any) -> BuildResult:
         raise TypeError(f"builder {name!r} got unknown options {unknown}; valid options: {sorted(known)}")
     image_options = ImageOptions(**{k: options[k] for k in _IMAGE_OPTIONS if k in options})
     split_values = {k: options[k] for k in _SPLIT_OPTIONS if k in options}
-    if "fractions" in split_values:
-        split_values["fractions"] = tuple(split_values["fractions"])
+    for key in ("fractions", "heldout_mention_texts"):
+        if key in split_values:
+            split_values[key] = tuple(split_values[key])
     split_options = SplitOptions(**split_values)
     collected = spec.collect(image_options, **{k: v for k, v in options.items() if k in collect_params})
     recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    if "heldout_mention_texts" in recorded:  # a count, not thousands of captions, goes into build.json
+        recorded["heldout_mention_texts"] = f"{len(recorded['heldout_mention_texts'])} texts"
     return write_dataset(
         out,
         name,

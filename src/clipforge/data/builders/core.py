@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import shutil
 import subprocess
 from collections import Counter, defaultdict
@@ -210,6 +211,13 @@ class SplitOptions:
     ``heldout_classes``: a number N (spread evenly by :func:`choose_heldout_classes` over the classes with at
     least ``heldout_min_count`` samples) or a list of class names; or ``heldout_every``: K, every K-th of
     those eligible classes sorted by name (the K-th, 2K-th, ...).
+
+    ``heldout_min_mentions`` M > 0 makes a class eligible only if its name is *mentioned* (:func:`mentions`)
+    in the captions of at least M samples of other classes: zero-shot on a held-out class then tests what
+    the paper's zero-shot tests — a concept known only from the language of other images — rather than a
+    word the training text never contains (which no model can classify by its name).
+    ``heldout_mention_texts`` adds caption texts of other data trained alongside (one string per sample) to
+    that count, described by ``heldout_mention_note`` in the recorded rule.
     """
 
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
@@ -218,6 +226,10 @@ class SplitOptions:
     heldout_every: int | None = None
     heldout_field: str = "label"
     heldout_min_count: int = 10
+    heldout_max_count: int = 0  # > 0: larger classes stay in training (and do not dominate the held-out set)
+    heldout_min_mentions: int = 0
+    heldout_mention_texts: tuple[str, ...] = ()
+    heldout_mention_note: str = ""
 
     def __post_init__(self) -> None:
         if len(self.fractions) != 3 or any(f < 0 for f in self.fractions):
@@ -247,6 +259,36 @@ def split_counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
         else:
             n_val -= 1
     return n - n_val - n_test, n_val, n_test
+
+
+def _mention_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(r"\b" + r"\s+".join(re.escape(w) for w in name.lower().split()) + r"(?:s|es)?\b")
+
+
+def mentions(name: str, text: str) -> bool:
+    """Whether class ``name`` occurs in ``text`` as whole words (case-insensitive; plural ``s``/``es`` allowed).
+
+    >>> mentions("heart", "Two Hearts, love"), mentions("map", "a mapping tool")
+    (True, False)
+    """
+    return _mention_pattern(name).search(text.lower()) is not None
+
+
+def mention_counts(
+    candidates: Sequence[Candidate], index: int, extra_texts: Sequence[str] = ()
+) -> dict[str, int]:
+    """Per class (of label field ``index``): how many samples of *other* classes mention its name in a caption,
+    plus how many of ``extra_texts`` (captions of other data, one string per sample) do."""
+    names = sorted({c.classes[index] for c in candidates})
+    patterns = {name: _mention_pattern(name) for name in names}
+    counts = dict.fromkeys(names, 0)
+    texts = [("\n".join(c.captions).lower(), c.classes[index]) for c in candidates]
+    texts += [(text.lower(), None) for text in extra_texts]
+    for text, own in texts:
+        for name, pattern in patterns.items():
+            if name != own and pattern.search(text):
+                counts[name] += 1
+    return counts
 
 
 def choose_heldout_classes(counts: Mapping[str, int], n: int, min_count: int) -> list[str]:
@@ -288,6 +330,25 @@ def assign_splits(
             )
         heldout_index = field_names.index(options.heldout_field)
         counts = Counter(c.classes[heldout_index] for c in candidates)
+        if not isinstance(
+            options.heldout_classes, (list, tuple)
+        ):  # classes named explicitly are not filtered
+            mentioned = (
+                mention_counts(candidates, heldout_index, options.heldout_mention_texts)
+                if options.heldout_min_mentions > 0
+                else {}
+            )
+            too_big = options.heldout_max_count > 0
+            # an ineligible class gets count -1: below any heldout_min_count
+            counts = Counter(
+                {
+                    k: -1
+                    if (too_big and v > options.heldout_max_count)
+                    or mentioned.get(k, options.heldout_min_mentions) < options.heldout_min_mentions
+                    else v
+                    for k, v in counts.items()
+                }
+            )
         if options.heldout_every is not None:
             eligible = sorted(name for name, count in counts.items() if count >= options.heldout_min_count)
             heldout = eligible[options.heldout_every - 1 :: options.heldout_every]
@@ -533,15 +594,22 @@ def _heldout_record(
 
 
 def _heldout_rule(options: SplitOptions) -> str:
+    among = f"those with >= {options.heldout_min_count} samples"
+    if options.heldout_max_count > 0:
+        among = f"those with {options.heldout_min_count} to {options.heldout_max_count} samples"
+    if options.heldout_min_mentions > 0:
+        among += (
+            f" whose name appears in the captions of >= {options.heldout_min_mentions} samples of other classes"
+            + (f" ({options.heldout_mention_note})" if options.heldout_mention_note else "")
+        )
     if options.heldout_every is not None:
         return (
-            f"every {options.heldout_every}th class of '{options.heldout_field}' sorted by name among those with >= "
-            f"{options.heldout_min_count} samples"
+            f"every {options.heldout_every}th class of '{options.heldout_field}' sorted by name among {among}"
         )
     if isinstance(options.heldout_classes, int):
         return (
-            f"{options.heldout_classes} classes of '{options.heldout_field}' spread evenly over those with >= "
-            f"{options.heldout_min_count} samples sorted by name (positions floor((i + 0.5) * E / N))"
+            f"{options.heldout_classes} classes of '{options.heldout_field}' spread evenly over {among}, "
+            "sorted by name (positions floor((i + 0.5) * E / N))"
         )
     return "named explicitly"
 
