@@ -593,6 +593,12 @@ def _heldout_record(
     }
 
 
+def _ordinal(n: int) -> str:
+    """2 -> "2nd", 3 -> "3rd", 11 -> "11th", 21 -> "21st"."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def _heldout_rule(options: SplitOptions) -> str:
     among = f"those with >= {options.heldout_min_count} samples"
     if options.heldout_max_count > 0:
@@ -603,9 +609,7 @@ def _heldout_rule(options: SplitOptions) -> str:
             + (f" ({options.heldout_mention_note})" if options.heldout_mention_note else "")
         )
     if options.heldout_every is not None:
-        return (
-            f"every {options.heldout_every}th class of '{options.heldout_field}' sorted by name among {among}"
-        )
+        return f"every {_ordinal(options.heldout_every)} class of '{options.heldout_field}' sorted by name among {among}"
     if isinstance(options.heldout_classes, int):
         return (
             f"{options.heldout_classes} classes of '{options.heldout_field}' spread evenly over {among}, "
