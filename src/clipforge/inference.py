@@ -50,16 +50,20 @@ class RandomWeightsWarning(UserWarning):
 # Models and inputs
 
 
-def load_model(spec: str | Path, *, device: str | torch.device | None = None) -> CLIP:
+def load_model(
+    spec: str | Path, *, device: str | torch.device | None = None, activation: str | None = None
+) -> CLIP:
     """A model in eval mode from a checkpoint path (any format :func:`clipforge.load_checkpoint` reads) or, for
     tests and smoke runs, a registered architecture name, built with random weights (seed
     :data:`RANDOM_WEIGHTS_SEED`) and a :class:`RandomWeightsWarning`.
 
-    Raises :class:`CheckpointError` when ``spec`` is neither an existing path nor a registered name.
+    ``activation`` (``"gelu"``/``"quick_gelu"``) overrides what a checkpoint's format implies (open_clip state
+    dicts do not record it). Raises :class:`CheckpointError` when ``spec`` is neither an existing path nor a
+    registered name.
     """
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.exists():
-        return load_checkpoint(path, device=device)
+        return load_checkpoint(path, device=device, activation=activation)
     name = str(spec)
     if name in list_models():
         warnings.warn(

@@ -21,33 +21,21 @@ PAPER_BASELINE_TEMPLATE = "a photo of a {}."
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """The model named by ``--model`` (a checkpoint, or a registered name with random weights) and its identity."""
+    """The model named by ``--model`` (a checkpoint, or a registered name with random weights: see
+    :func:`clipforge.inference.load_model`) and its identity."""
     import torch
 
-    from clipforge.checkpoint import load_checkpoint
-    from clipforge.config import list_models
     from clipforge.eval.features import model_fingerprint
-    from clipforge.model import create_model
+    from clipforge.inference import RANDOM_WEIGHTS_SEED, load_model
 
     spec = args.model
     path = Path(spec).expanduser()
+    model = load_model(spec, activation=args.activation)
     identity: dict[str, Any] = {"spec": spec}
     if path.exists():
-        model = load_checkpoint(path, activation=args.activation)
         identity.update(path=str(path.resolve()), random_weights=False)
-    elif spec in list_models():
-        log.warning(
-            "--model %s is an architecture name, not a checkpoint: evaluating RANDOM weights (torch seed 0); "
-            "the numbers mean nothing beyond testing the pipeline",
-            spec,
-        )
-        torch.manual_seed(0)
-        model = create_model(spec).eval()
-        identity.update(random_weights=True, seed=0)
     else:
-        raise FileNotFoundError(
-            f"--model {spec}: no such checkpoint file or folder, and not a model name ({', '.join(list_models())})"
-        )
+        identity.update(random_weights=True, seed=RANDOM_WEIGHTS_SEED)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
