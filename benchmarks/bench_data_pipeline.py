@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from clipforge.config import get_model_config
 from clipforge.data.sources import open_source, write_shards
@@ -37,6 +36,7 @@ from clipforge.losses import ContrastiveLoss
 from clipforge.model import create_model
 from clipforge.tokenizer import Tokenizer
 from clipforge.train.config import DataConfig, OptimConfig
+from clipforge.train.loop import train_loader
 from clipforge.train.optim import build_optimizer
 from clipforge.train.step import apply_update, compute_gradients
 from clipforge.transforms import get_transforms
@@ -108,15 +108,7 @@ def make_loader(spec: str, model, batch: int, workers: int, device: torch.device
     stream = TrainStream(
         sources, default_weights(sources), decoder, tokenizer, batch_size=batch, seed=0, num_workers=workers
     )
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
-    return iter(loader)
+    return iter(train_loader(stream, workers, device))
 
 
 def loader_throughput(spec: str, model, batch: int, workers: int, batches: int, device) -> float:

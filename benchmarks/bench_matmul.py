@@ -12,8 +12,6 @@ median of timed samples, each sample enough products to last ~0.2 s.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -22,9 +20,9 @@ from common import (
     describe_machine,
     machine_info,
     matmul_gflops,
+    mm_gflops,
     pick_device,
     set_threads,
-    synchronize,
     table,
     write_json,
 )
@@ -34,27 +32,6 @@ MODEL_SHAPES = [
     ("ViT-B/32 MLP, batch 32 (1600x768 @ 768x3072)", 32 * 50, 768, 3072),
     ("small MLP, batch 256 (16640x192 @ 192x768)", 256 * 65, 192, 768),
 ]
-
-
-def shape_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(m, k, generator=gen, device=device).to(dtype)
-    b = torch.randn(k, n, generator=gen, device=device).to(dtype)
-    out = torch.empty(m, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)
-    synchronize(device)
-    start = time.perf_counter()
-    torch.mm(a, b, out=out)
-    synchronize(device)
-    inner = max(1, int(0.2 / max(time.perf_counter() - start, 1e-6)))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b, out=out)
-        synchronize(device)
-        samples.append((time.perf_counter() - start) / inner)
-    return 2 * m * k * n / statistics.median(samples) / 1e9
 
 
 def main() -> None:
@@ -82,7 +59,7 @@ def main() -> None:
             results.append({"shape": f"{size}x{size} @ {size}x{size}", "dtype": str(dtype), "gflops": gflops})
         for label, m, k, n in MODEL_SHAPES:
             results.append(
-                {"shape": label, "dtype": str(dtype), "gflops": shape_gflops(m, k, n, dtype, device, repeats)}
+                {"shape": label, "dtype": str(dtype), "gflops": mm_gflops(m, k, n, dtype, device, repeats)}
             )
     print(table([[r["shape"], r["dtype"].replace("torch.", ""), f"{r['gflops']:.0f}"] for r in results],
                 ["shape", "dtype", "GFLOP/s"]))  # fmt: skip

@@ -220,14 +220,20 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_gflops(
-    size: int, dtype: torch.dtype, device: torch.device, repeats: int = 10, min_seconds: float = 0.2
+def mm_gflops(
+    m: int,
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int = 10,
+    min_seconds: float = 0.2,
 ) -> float:
-    """Median GFLOP/s of ``size``³ matrix products (each timed sample runs enough products for ``min_seconds``)."""
+    """Median GFLOP/s of [m, k] @ [k, n] products (each timed sample runs enough products for ``min_seconds``)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, generator=gen, device=device).to(dtype)
-    b = torch.randn(size, size, generator=gen, device=device).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
+    a = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    b = torch.randn(k, n, generator=gen, device=device).to(dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
     synchronize(device)
@@ -243,7 +249,14 @@ def matmul_gflops(
             torch.mm(a, b, out=out)
         synchronize(device)
         samples.append((time.perf_counter() - start) / inner)
-    return 2 * size**3 / statistics.median(samples) / 1e9
+    return 2 * m * k * n / statistics.median(samples) / 1e9
+
+
+def matmul_gflops(
+    size: int, dtype: torch.dtype, device: torch.device, repeats: int = 10, min_seconds: float = 0.2
+) -> float:
+    """Median GFLOP/s of ``size``³ matrix products (:func:`mm_gflops` on square matrices)."""
+    return mm_gflops(size, size, size, dtype, device, repeats, min_seconds)
 
 
 def matmul_ceiling(dtype: torch.dtype, device: torch.device, sizes: Sequence[int] = (1024, 2048)) -> float:

@@ -175,7 +175,10 @@ def test_overlap_cli_finds_the_copies(data, tmp_path, capsys):
 def test_cli_errors_exit_2_with_a_clear_message(data, tmp_path, capsys):
     cases = [
         (["zeroshot", "--model", "tiny", "--data", str(data / "shards")], "pick one with split="),
-        (["zeroshot", "--model", "no-such-model", "--data", str(data / "tree" / "test")], "not a registered model name"),
+        (
+            ["zeroshot", "--model", "no-such-model", "--data", str(data / "tree" / "test")],
+            "not a registered model name",
+        ),
         (["zeroshot", "--model", "tiny", "--data", str(data / "table" / "data.csv")], "--classnames FILE"),
         (["zeroshot", "--model", "tiny", "--data", str(tmp_path / "missing")], "no such file or directory"),
         (["linear-probe", "--model", "tiny", "--train-data", str(data / "tree" / "train")], "no test data"),

@@ -149,29 +149,31 @@ class HeldOutSet:
     def chance(self) -> float:
         return float(torch.bincount(self.labels).max()) / len(self.labels)
 
-    def logits(self, model: torch.nn.Module, mode: str) -> torch.Tensor:
-        from clipforge.eval.zeroshot import build_classifier
+    def evaluate(
+        self, model: torch.nn.Module, modes: Sequence[str] = ("single", "ensemble")
+    ) -> dict[str, Any]:
+        """Zero-shot results (:class:`clipforge.eval.zeroshot.ZeroShotResult`) per prompt mode: ``single`` (the
+        first template) or ``ensemble`` (all). The images are encoded once for all modes."""
+        from clipforge.eval.zeroshot import build_classifier, classify_features
         from clipforge.tokenizer import get_tokenizer
 
-        templates = self.templates if mode == "ensemble" else self.templates[:1]
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            classifier = build_classifier(model, get_tokenizer(model), self.classnames, templates)
             features = torch.cat([model.encode_image(b) for b in self.images.split(256)])
-            logits = torch.nn.functional.normalize(features.float(), dim=-1) @ classifier
+            results = {}
+            for mode in modes:
+                templates = self.templates if mode == "ensemble" else self.templates[:1]
+                classifier = build_classifier(model, get_tokenizer(model), self.classnames, templates)
+                results[mode] = classify_features(
+                    features, self.labels, classifier, classnames=self.classnames
+                )
         model.train(was_training)
-        return logits
+        return results
 
     def accuracy(self, model: torch.nn.Module, mode: str) -> float:
         """Mean per-class accuracy (the held-out classes differ in size; chance is 1/K whatever the sizes)."""
-        return mean_per_class(self.logits(model, mode).argmax(1), self.labels)
-
-
-def mean_per_class(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """The average over classes of each class's accuracy (classes absent from ``labels`` are skipped)."""
-    present = labels.unique()
-    return float(torch.stack([(predicted[labels == c] == c).float().mean() for c in present]).mean())
+        return self.evaluate(model, (mode,))[mode].mean_per_class_recall
 
 
 def _heldout_sets(info: dict[str, Any], model_name: str) -> dict[str, HeldOutSet]:
@@ -227,23 +229,22 @@ def evaluate(
     # 1. Zero-shot on classes never seen in training: single prompt vs the prompt ensemble.
     zs: dict[str, Any] = {}
     for source, data in heldout.items():
-        single, ensemble = data.logits(model, "single"), data.logits(model, "ensemble")
+        by_mode = data.evaluate(model)
+        single, ensemble = by_mode["single"], by_mode["ensemble"]
         zs[source] = {
             "classes": data.classnames,
             "images": len(data.labels),
             "chance": data.chance,
             "uniform_chance": 1 / len(data.classnames),
             "single_template": data.templates[0],
-            "top1_single": float((single.argmax(1) == data.labels).float().mean()),
-            "top1_ensemble": float((ensemble.argmax(1) == data.labels).float().mean()),
-            "mean_per_class_single": mean_per_class(single.argmax(1), data.labels),
-            "mean_per_class_ensemble": mean_per_class(ensemble.argmax(1), data.labels),
+            "top1_single": single.top1,
+            "top1_ensemble": ensemble.top1,
+            "mean_per_class_single": single.mean_per_class_recall,
+            "mean_per_class_ensemble": ensemble.mean_per_class_recall,
             "templates": len(data.templates),
         }
         if source == "openclipart":
-            confusion = np.zeros((len(data.classnames),) * 2, dtype=np.int64)
-            np.add.at(confusion, (data.labels.numpy(), ensemble.argmax(1).numpy()), 1)
-            write_confusion_png(out / "confusion_heldout.png", confusion, data.classnames)
+            write_confusion_png(out / "confusion_heldout.png", ensemble.confusion, data.classnames)
     results["zero_shot_heldout_classes"] = zs
 
     # 2. Zero-shot on unseen images of the seen classes, and 3. the linear probe, and 4. retrieval.

@@ -17,7 +17,7 @@ def _cmd_objectives(args: argparse.Namespace) -> int:
     if args.from_results:
         from clipforge.experiments.objectives import resummarise
 
-        results = resummarise(args.from_results, args.out, args.target)
+        resummarise(args.from_results, args.out, args.target)
         print(Path(args.out, "results.md").read_text())
         print(f"results: {Path(args.out) / 'results.json'}\nplot:    {Path(args.out) / 'fig2.png'}")
         return 0

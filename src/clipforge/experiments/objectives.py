@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipforge.eval.zeroshot import ZeroShotTally
 from clipforge.objectives import OBJECTIVES, get_objective
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import HookContext, resolve_train_config, train
@@ -106,15 +107,13 @@ def zero_shot_accuracy(
             model, get_tokenizer(model), data.classnames, data.templates
         )
         device = next(model.parameters()).device
-        predicted = torch.cat([
-            scorer(data.images[start : start + batch_size].to(device)).argmax(dim=1).cpu()
-            for start in range(0, data.images.shape[0], batch_size)
-        ])  # fmt: skip
+        tally = ZeroShotTally(len(data.classnames))
+        for start in range(0, data.images.shape[0], batch_size):
+            scores = scorer(data.images[start : start + batch_size].to(device))
+            tally.update(scores.cpu(), data.labels[start : start + batch_size])
     model.train(was_training)
-    right = (predicted == data.labels).float()
-    if metric == "top1":
-        return float(right.mean())
-    return float(torch.stack([right[data.labels == c].mean() for c in data.labels.unique()]).mean())
+    result = tally.result()
+    return result.top1 if metric == "top1" else result.mean_per_class_recall
 
 
 def run_objectives_experiment(

@@ -178,7 +178,7 @@ class _Trainer:
             num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
             start_batch=start_step * cfg.accum_steps, positions=positions,
         )  # fmt: skip
-        batches = iter(_loader(stream, cfg.data.num_workers, self.device))
+        batches = iter(train_loader(stream, cfg.data.num_workers, self.device))
 
         metrics = MetricsWriter(
             self.run_dir, enabled=env.is_main, resume_step=start_step if self.state else None
@@ -460,7 +460,9 @@ def _dataset_size(sources) -> int | None:
     return sum(sizes) if all(sizes) else None
 
 
-def _loader(stream: TrainStream, num_workers: int, device: torch.device) -> Iterator[Batch]:
+def train_loader(stream: TrainStream, num_workers: int, device: torch.device) -> Iterator[Batch]:
+    """The trainer's DataLoader over ``stream`` (batches come pre-built; ``benchmarks/bench_data_pipeline.py``
+    times this same loader)."""
     return DataLoader(
         stream,
         batch_size=None,
