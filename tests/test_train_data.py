@@ -4,14 +4,16 @@ skip counts on damaged shards."""
 from __future__ import annotations
 
 import itertools
+import re
 import tarfile
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clipforge.data.raw import DataError, RawSample
+from clipforge.data.raw import RawSample
 from clipforge.data.shards import ShardWriter
+from clipforge.data.skipguard import StreamFailure
 from clipforge.data.sources import open_source
 from clipforge.data.stream import SampleDecoder, TrainStream, partition_pass, unit_order
 from clipforge.tokenizer import get_tokenizer
@@ -89,8 +91,9 @@ def test_resume_continues_exactly_with_worker_rotation(shards, workers, cut):
 def test_too_many_partitions_for_a_table_is_a_clear_error(tmp_path):
     source = open_source(digits_table(tmp_path, n=3))
     stream = make_stream(source, world_size=2, num_workers=3, rank=1)
-    with pytest.raises(DataError, match="no samples.*fewer data workers"):
-        next(stream.iter_partition(stream.partition_for(2)))
+    failure = next(stream.iter_partition(stream.partition_for(2)))
+    assert isinstance(failure, StreamFailure)
+    assert re.search("no samples in a whole pass.*fewer workers", failure.message)
 
 
 def damaged_shards(folder):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,13 +65,28 @@ def _device_for(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600) -> DistEnv:
+def dist_timeout_s(default: float = 600.0) -> float:
+    """The collective and rendezvous timeout: ``CLIPFORGE_DIST_TIMEOUT_S`` seconds if set, else ``default``."""
+    text = os.environ.get("CLIPFORGE_DIST_TIMEOUT_S", "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise DistributedError(f"CLIPFORGE_DIST_TIMEOUT_S={text!r} must be a positive number of seconds")
+    return value
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistEnv:
     """Initialise the default process group from torchrun's environment and return where this process sits.
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Without WORLD_SIZE (or with WORLD_SIZE=1)
     this is a single-process run and no process group is created. ``backend`` defaults to nccl when CUDA is
-    available, else gloo; with CUDA the current device becomes ``cuda:LOCAL_RANK``. ``timeout_s`` bounds every
-    collective, so a rank that died makes the others fail instead of waiting forever.
+    available, else gloo; with CUDA the current device becomes ``cuda:LOCAL_RANK``. ``timeout_s`` (default
+    :func:`dist_timeout_s`) bounds the rendezvous, where a rank that never arrives is named, and every collective,
+    so a rank that died makes the others fail instead of waiting forever.
     Raises :class:`DistributedError` for an inconsistent environment.
     """
     if dist.is_available() and dist.is_initialized():
@@ -118,14 +134,54 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     if backend == "nccl" and not torch.cuda.is_available():
         raise DistributedError("backend 'nccl' needs CUDA, which is not available here; use backend='gloo'")
     device = _device_for(local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else dist_timeout_s())
+    store = _meet(env["MASTER_ADDR"], int(env["MASTER_PORT"]), rank, world_size, timeout)
+    prefix = f"clipforge/pg/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     dist.init_process_group(
         backend=backend,
-        init_method="env://",
+        store=dist.PrefixStore(prefix, store),
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     return DistEnv(rank, world_size, local_rank, backend, device)
+
+
+def _meet(host: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The ranks' shared store, once every rank has checked in; a rank that never arrives within ``timeout``
+    is named in a :class:`DistributedError` instead of leaving the others waiting without a word.
+
+    Rank 0 hosts the store unless torchrun's agent already does (TORCHELASTIC_USE_AGENT_STORE)."""
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    where = f"{host}:{port}"
+    try:
+        store = dist.TCPStore(
+            host, port, world_size, is_master=rank == 0 and not hosted_by_agent, timeout=timeout,
+            wait_for_workers=False,
+        )  # fmt: skip
+    except (RuntimeError, OSError) as error:  # DistStoreError is a RuntimeError
+        raise DistributedError(
+            f"rank {rank}: could not {'open' if rank == 0 else 'reach'} the rendezvous at {where} within "
+            f"{timeout.total_seconds():g} s ({_summary(error)}); check MASTER_ADDR/MASTER_PORT and that rank 0 "
+            "started"
+        ) from error
+    prefix = f"clipforge/arrived/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    store.set(f"{prefix}/{rank}", "1")
+    deadline = time.monotonic() + timeout.total_seconds()
+    missing = list(range(world_size))
+    while True:
+        missing = [r for r in missing if not store.check([f"{prefix}/{r}"])]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if missing:
+        names = ", ".join(str(r) for r in missing)
+        raise DistributedError(
+            f"rank {rank}: rank(s) {names} of {world_size} never joined at {where} within "
+            f"{timeout.total_seconds():g} s; check that every rank was launched (same WORLD_SIZE, MASTER_ADDR and "
+            "MASTER_PORT) and look at the missing ranks' logs"
+        )
+    return store
 
 
 def cleanup() -> None:

@@ -17,7 +17,12 @@ and resumed continues with exactly the batches it would have seen:
   partition (w + k) mod W, so the first batch after a resume comes from the partition that was next.
 
 Broken inputs (unreadable/truncated/oversized images, empty captions, truncated shards) are skipped and
-counted by reason; nothing is dropped silently.
+counted by reason; nothing is dropped silently. A stream that skips too much (a whole pass without a usable
+sample, or too large a share: :mod:`clipforge.data.skipguard`) yields a :class:`StreamFailure` instead of
+waiting forever for its next batch.
+
+Inside a partition the stream is a sequence of ``(source index, item)`` pairs, where an item is a
+:class:`RawSample`, a :class:`UnitError` or a :class:`PassEnd`; only raw samples enter the shuffle buffer.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data.raw import DataError, RawSample, UnitError
+from clipforge.data.skipguard import SkipGuard, SkipPolicy, StreamFailure
 from clipforge.data.sources import Source
 from clipforge.images import ImageLoadError, load_image
 
@@ -50,6 +56,15 @@ class Batch(NamedTuple):
     partition: int
     position: int  # samples that have left this partition's shuffle buffer after this batch
     counts: dict[str, int]
+
+
+class PassEnd(NamedTuple):
+    """A source finished one pass of a partition, holding ``samples`` raw samples."""
+
+    samples: int
+
+
+Item = RawSample | UnitError | PassEnd
 
 
 def _seed(*parts: int) -> int:
@@ -85,26 +100,25 @@ def partition_pass(
             kept += 1
 
 
-def _source_stream(source: Source, index: int, part: int, parts: int, seed: int) -> Iterator[Any]:
+def _source_stream(
+    source: Source, index: int, part: int, parts: int, seed: int
+) -> Iterator[tuple[int, Item]]:
     pass_no = 0
     while True:
         samples = 0
         for item in partition_pass(source, index, part, parts, seed, pass_no):
             if isinstance(item, RawSample):
                 samples += 1
-            yield item
-        if samples == 0:
-            raise DataError(
-                f"source '{source.name}' gives partition {part} of {parts} no samples (it has {source.num_units()} "
-                f"{source.unit_kind}s); use fewer data workers/ranks or more data"
-            )
+            yield index, item
+        yield index, PassEnd(samples)
         pass_no += 1
 
 
 def raw_stream(
     sources: Sequence[Source], weights: Sequence[float], part: int, parts: int, seed: int
-) -> Iterator[Any]:
-    """Partition ``part``'s infinite stream of RawSample and UnitError items, sources mixed by ``weights``."""
+) -> Iterator[tuple[int, Item]]:
+    """Partition ``part``'s infinite stream of (source index, item), sources mixed by ``weights``: a seeded draw
+    picks the source of each raw sample or unit error; pass-end events take no draw."""
     streams = [_source_stream(s, i, part, parts, seed) for i, s in enumerate(sources)]
     if len(streams) == 1:
         yield from streams[0]
@@ -113,25 +127,32 @@ def raw_stream(
     probs = probs / probs.sum()
     rng = np.random.default_rng([seed, _MIX_STREAM, part])
     while True:
-        yield next(streams[int(rng.choice(len(streams), p=probs))])
+        stream = streams[int(rng.choice(len(streams), p=probs))]
+        pair = next(stream)
+        while isinstance(pair[1], PassEnd):
+            yield pair
+            pair = next(stream)
+        yield pair
 
 
-def shuffled(items: Iterator[Any], size: int, seed: int, part: int) -> Iterator[Any]:
-    """A shuffle buffer of ``size`` over an infinite stream; UnitError events pass straight through."""
+def shuffled(
+    items: Iterator[tuple[int, Item]], size: int, seed: int, part: int
+) -> Iterator[tuple[int, Item]]:
+    """A shuffle buffer of ``size`` over an infinite stream of (source, item); events pass straight through."""
     if size <= 1:
         yield from items
         return
     rng = np.random.default_rng([seed, _BUFFER_STREAM, part])
-    buffer: list[Any] = []
-    for item in items:
-        if isinstance(item, UnitError):
-            yield item
+    buffer: list[tuple[int, Item]] = []
+    for pair in items:
+        if not isinstance(pair[1], RawSample):
+            yield pair
             continue
         if len(buffer) < size:
-            buffer.append(item)
+            buffer.append(pair)
             continue
         slot = int(rng.integers(size))
-        out, buffer[slot] = buffer[slot], item
+        out, buffer[slot] = buffer[slot], pair
         yield out
 
 
@@ -184,6 +205,7 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 1000,
         start_batch: int = 0,
         positions: Mapping[int, int] | None = None,
+        skip_policy: SkipPolicy | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -200,6 +222,7 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.start_batch = start_batch
         self.positions = dict(positions or {})
+        self.skip_policy = skip_policy or SkipPolicy()
 
     @property
     def num_partitions(self) -> int:
@@ -209,12 +232,13 @@ class TrainStream(IterableDataset):
         """The partition physical worker ``worker_id`` of this rank plays (rotated after ``start_batch``)."""
         return self.rank * self.workers + (worker_id + self.start_batch) % self.workers
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | StreamFailure]:
         info = get_worker_info()
         part = self.partition_for(info.id if info is not None else 0)
         return self.iter_partition(part)
 
-    def iter_partition(self, part: int) -> Iterator[Batch]:
+    def iter_partition(self, part: int) -> Iterator[Batch | StreamFailure]:
+        """Partition ``part``'s batches; ends with one :class:`StreamFailure` if the skip guard stops it."""
         items = shuffled(
             raw_stream(self.sources, self.weights, part, self.num_partitions, self.seed),
             self.shuffle_buffer,
@@ -224,25 +248,37 @@ class TrainStream(IterableDataset):
         position = self.positions.get(part, 0)
         replayed = 0
         while replayed < position:  # resume: replay without decoding; events were counted before
-            if isinstance(next(items), RawSample):
+            if isinstance(next(items)[1], RawSample):
                 replayed += 1
+        guard = SkipGuard(
+            [s.name for s in self.sources], self.skip_policy,
+            buffer_size=self.shuffle_buffer, partition=part, partitions=self.num_partitions,
+        )  # fmt: skip
         counts: Counter[str] = Counter()
         images: list[torch.Tensor] = []
         captions: list[str] = []
         truncated_before = getattr(self.tokenizer, "num_truncated", 0)
-        for item in items:
-            if isinstance(item, UnitError):
+        for source, item in items:
+            if isinstance(item, PassEnd):
+                failure = guard.pass_end(source, item.samples)
+            elif isinstance(item, UnitError):
                 counts[item.reason] += 1
                 log.warning("%s", item.message)
                 continue
-            generator = torch.Generator().manual_seed(_seed(self.seed, _SAMPLE_STREAM, part, position))
-            position += 1
-            decoded = self.decoder(item, generator)
-            if isinstance(decoded, str):
-                counts[decoded] += 1
-                continue
-            images.append(decoded[0])
-            captions.append(decoded[1])
+            else:
+                generator = torch.Generator().manual_seed(_seed(self.seed, _SAMPLE_STREAM, part, position))
+                position += 1
+                decoded = self.decoder(item, generator)
+                skipped = decoded if isinstance(decoded, str) else None
+                failure = guard.record(source, skipped, item.image_name)
+                if skipped is not None:
+                    counts[skipped] += 1
+                else:
+                    images.append(decoded[0])
+                    captions.append(decoded[1])
+            if failure is not None:
+                yield failure
+                return
             if len(images) == self.batch_size:
                 tokens = self.tokenizer(captions)
                 truncated = getattr(self.tokenizer, "num_truncated", 0)

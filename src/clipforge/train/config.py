@@ -28,6 +28,11 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling within each worker's stream
     caption: Literal["first", "random"] = "first"  # which caption of a multi-caption sample to train on
     max_pixels: int = 89_478_485  # larger images are skipped (and counted), never decoded
+    # Stop (exit 1, counts by reason) when more than this share of a source's first skip_window samples is
+    # skipped; 1.0 turns the rule off. A whole pass without a usable sample always stops the run.
+    max_skip_fraction: float = 0.5
+    skip_window: int = 1000
+    loader_timeout_s: float = 300.0  # a data-loader worker silent this long stops the run (0: wait forever)
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,9 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
         "data.batch_size": d.batch_size > 0,
         "data.num_workers": d.num_workers >= 0,
         "data.shuffle_buffer": d.shuffle_buffer >= 0,
+        "data.max_skip_fraction": 0.0 <= d.max_skip_fraction <= 1.0,
+        "data.skip_window": d.skip_window > 0,
+        "data.loader_timeout_s": d.loader_timeout_s >= 0,
         "optim.lr": o.lr > 0,
         "optim.warmup_steps": o.warmup_steps >= 0,
         "run.log_every": r.log_every > 0,

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from clipforge.checkpoint import load_checkpoint
 from clipforge.config import ConfigError, apply_overrides, get_model_config, merge
+from clipforge.data.skipguard import SkipPolicy, StreamFailure
 from clipforge.data.sources import open_source
 from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
 from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard
@@ -177,8 +178,9 @@ class _Trainer:
             batch_size=micro, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
             num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
             start_batch=start_step * cfg.accum_steps, positions=positions,
+            skip_policy=SkipPolicy(cfg.data.max_skip_fraction, cfg.data.skip_window),
         )  # fmt: skip
-        batches = iter(train_loader(stream, cfg.data.num_workers, self.device))
+        batches = iter(train_loader(stream, cfg.data.num_workers, self.device, cfg.data.loader_timeout_s))
 
         metrics = MetricsWriter(
             self.run_dir, enabled=env.is_main, resume_step=start_step if self.state else None
@@ -202,7 +204,7 @@ class _Trainer:
                 break
             micro_batches = []
             for _ in range(cfg.accum_steps):
-                batch: Batch = next(batches)
+                batch = next_batch(batches, step, self.run_dir)
                 positions[batch.partition] = batch.position
                 counts.update(batch.counts)
                 micro_batches.append((batch.images.to(self.device), batch.tokens.to(self.device)))
@@ -460,9 +462,11 @@ def _dataset_size(sources) -> int | None:
     return sum(sizes) if all(sizes) else None
 
 
-def train_loader(stream: TrainStream, num_workers: int, device: torch.device) -> Iterator[Batch]:
+def train_loader(
+    stream: TrainStream, num_workers: int, device: torch.device, timeout_s: float = 0.0
+) -> Iterator[Batch | StreamFailure]:
     """The trainer's DataLoader over ``stream`` (batches come pre-built; ``benchmarks/bench_data_pipeline.py``
-    times this same loader)."""
+    times this same loader). ``timeout_s`` > 0: a worker that delivers nothing for that long raises."""
     return DataLoader(
         stream,
         batch_size=None,
@@ -470,7 +474,28 @@ def train_loader(stream: TrainStream, num_workers: int, device: torch.device) ->
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers else None,
         persistent_workers=False,
+        timeout=timeout_s if num_workers else 0,
     )
+
+
+def next_batch(batches: Iterator[Batch | StreamFailure], step: int, run_dir: Path) -> Batch:
+    """The next batch for step ``step`` (0-based), or a :class:`TrainingError` when the data cannot give one: the
+    skip guard stopped the stream, or a loader worker died or went silent for ``data.loader_timeout_s``."""
+    saved = f"Checkpoints so far are in {run_dir / 'checkpoints'}" if step else "No step was taken"
+    try:
+        batch = next(batches)
+    except RuntimeError as error:
+        text = str(error)
+        if "DataLoader worker" not in text and "DataLoader timed out" not in text:
+            raise
+        raise TrainingError(
+            f"stopping at step {step + 1}: a data-loader worker failed ({text.splitlines()[0]}). A worker killed "
+            "by a signal is most often out of memory: lower data.num_workers or data.shuffle_buffer; one that "
+            f"timed out (data.loader_timeout_s) is stuck reading its data. {saved}."
+        ) from error
+    if isinstance(batch, StreamFailure):
+        raise TrainingError(f"stopping at step {step + 1}: {batch.message} {saved}.")
+    return batch
 
 
 def _progress(total: int, initial: int, enabled: bool):
