@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for label in ("first run", "cached"):
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"{label}: the ensure_datasets process failed:\n{result.stderr[-3000:]}")
         figures = json.loads(result.stdout.strip().splitlines()[-1])
         print(
             f"{label}: ensure_datasets {figures['call_s']} s, whole process {time.perf_counter() - started:.1f} s"

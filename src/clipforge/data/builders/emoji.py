@@ -2,6 +2,8 @@
 ``emoji-test.txt`` rendered with Pillow (Noto Color Emoji at size 109, ``embedded_color=True``, shaped by
 libraqm so ZWJ sequences, flags and skin tones become one glyph) on white; the caption comes from the CLDR
 name, the labels from the CLDR group (``label``) and subgroup (``subgroup_label``), named by ``rules.json``.
+Without unicode-data the packaged table ``emoji_table.json`` (the same file compacted, Emoji 15.0; also what
+the ``openmoji`` builder names its SVGs by) stands in for ``emoji-test.txt``.
 
 Drop reasons: ``status:<status>`` (lines that are not fully-qualified), ``skin_tone_variant`` (only with
 ``skin_tones=False``), ``not_one_glyph`` (the font has no single glyph for the sequence), ``render_empty``.

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipforge.data.builders.captions import pick_templates, unique
 from clipforge.data.builders.core import (
     PRIMARY_LABEL,
     Collected,
@@ -27,6 +26,7 @@ from clipforge.data.builders.core import (
 )
 from clipforge.data.builders.iconnames import RULE_FIELDS, IconNamer, concept_classes
 from clipforge.data.builders.iconpacks import IconItem, pack_icons, render_items, select
+from clipforge.data.builders.simpleicons import logo_captions
 from clipforge.data.builders.svgrender import DEFAULT_MARGIN, RESVG
 
 NAME = "fontawesome"
@@ -89,7 +89,7 @@ def collect(
         }
         if icon.family == BRANDS:
             templates = list(pack_rules["brand_templates"])
-            captions = unique([t.format(name=icon.label) for t in pick_templates(templates, source, 3)])
+            captions = logo_captions(icon.label, source, templates, 3)
             class_name = str(pack_rules["brand_class"])
             extra.update(concept=icon.label, head=class_name)
         else:

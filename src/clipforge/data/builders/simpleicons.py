@@ -48,6 +48,15 @@ def contrast_with_white(hex_colour: str) -> float:
     return 1.05 / (luminance + 0.05)
 
 
+def logo_captions(title: str, source: str, templates: Sequence[str], count: int) -> tuple[str, ...]:
+    """``count`` templates (chosen by the hash of ``source``) with ``{title}``, and ``{the_title}``: the title
+    after "the" unless it starts with one ("The Movie Database")."""
+    the_title = title if title.lower().startswith("the ") else f"the {title}"
+    return unique(
+        [t.format(title=title, the_title=the_title) for t in pick_templates(templates, source, count)]
+    )
+
+
 def collect(
     image_options: ImageOptions,
     *,
@@ -77,7 +86,7 @@ def collect(
             IconItem(
                 source=source,
                 svg=with_fill(icon.svg, brand if visible else dark_fill),
-                captions=unique([t.format(title=icon.title) for t in pick_templates(templates, source, 3)]),
+                captions=logo_captions(icon.title, source, templates, 3),
                 classes=(str(pack_rules["class"]),),
                 extra={
                     "package": PACKAGE.distribution,
