@@ -106,6 +106,11 @@ def test_key_and_cache_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert dataset_key(key_record("mdi", {"size": 64, "heldout_every": 3}, versions)) != base
     monkeypatch.setitem(packs.BUILDERS, "mdi", dataclasses.replace(packs.BUILDERS["mdi"], code_version=2))
     assert dataset_key(key_record("mdi", {"size": 64}, versions)) != base  # a new builder code version
+    rules = tmp_path / "rules.json"
+    rules.write_text(packs.RULES_PATH.read_text().replace("a plus sign", "a plus"))
+    assert dataset_key(key_record("mdi", {"size": 64, "rules": rules}, versions)) != dataset_key(
+        key_record("mdi", {"size": 64, "rules": packs.RULES_PATH}, versions)
+    )  # edited rules
     monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
     assert cache_root() == tmp_path / "a" and cache_root(tmp_path / "c") == tmp_path / "c"

@@ -5,8 +5,8 @@ by what determines their content, and verified (shard sizes and sha256) on every
 
 A dataset lives in ``<cache>/data/<name>-<key>`` (``<cache>``: ``cache_dir``, else ``$CLIPFORGE_CACHE``, else
 ``$XDG_CACHE_HOME/clipforge``, else ``~/.cache/clipforge``); ``key`` hashes the installed versions of the packages
-it reads, its builder options (image and split options included) and the builder's code version, so a new package
-version or other options give a new folder. A build runs in a hidden folder renamed into place when complete; a
+it reads, its builder options (image and split options included), the builder's code version and the rules and
+emoji table files, so a new package version, other options or edited rules give a new folder. A build runs in a hidden folder renamed into place when complete; a
 folder without ``build.json`` (an interrupted build) or whose shards differ from their manifests is rebuilt, the
 latter with a :class:`CacheWarning`. A lock file serialises processes building the same dataset.
 """
@@ -30,10 +30,12 @@ from clipforge.data.builders import BUILDERS, build
 from clipforge.data.builders.core import (
     BUILD_INFO_NAME,
     CLASSES_NAME,
+    RULES_PATH,
     MissingPackageError,
     package_versions,
     python_package_versions,
 )
+from clipforge.data.builders.emoji import EMOJI_TABLE_PATH
 from clipforge.data.raw import DataError
 from clipforge.data.shards import MANIFEST_NAME, Manifest, sha256_file
 
@@ -78,6 +80,13 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def data_file_hashes(options: Mapping[str, Any]) -> dict[str, str | None]:
+    """sha256 of the data files that shape every builder's output: the rules (``options["rules"]`` or the packaged
+    ``rules.json``) and the packaged emoji table -- so editing them invalidates the cache like a code change."""
+    files = {"rules": Path(options.get("rules") or RULES_PATH), "emoji_table": EMOJI_TABLE_PATH}
+    return {name: sha256_file(path) if path.is_file() else None for name, path in files.items()}
+
+
 def key_record(name: str, options: Mapping[str, Any], versions: Mapping[str, str | None]) -> dict[str, Any]:
     """Everything the cache key hashes (also written to the dataset's ``cache.json``)."""
     return {
@@ -85,6 +94,7 @@ def key_record(name: str, options: Mapping[str, Any], versions: Mapping[str, str
         "code_version": BUILDERS[name].code_version,
         "key_recipe": KEY_RECIPE_VERSION,
         "packages": dict(sorted(versions.items())),
+        "data_files": data_file_hashes(options),
         "options": _canonical({k: v for k, v in options.items() if k not in _NOT_IN_KEY}),
     }
 
