@@ -58,6 +58,7 @@ def sample_svgs(per_source: int) -> dict[str, list[tuple[str, str]]]:
                 ),
             )
             for i in pack_icons(simple_icons_pack)
+            if (i.license or "CC0-1.0") in si_rules["allowed_licences"]  # as the builder: open licences only
         ),
         "openmoji": [(name, file.read_text(encoding="utf-8")) for name, file in moji],
     }

@@ -185,11 +185,14 @@ def test_simpleicons_slice_colours(tmp_path: Path) -> None:
     assert info["counts"]["kept"] == {"train": 24, "val": 3, "test": 3} and info["classes"]["label"] == [
         "brand logo"
     ]
-    info, samples = _build("simpleicons", tmp_path / "named", slugs=["github", "youtube", "effect"])
-    youtube, effect = samples["simpleicons/youtube"], samples["simpleicons/effect"]
+    info, samples = _build(
+        "simpleicons", tmp_path / "named", slugs=["github", "youtube", "sony", "cocoapods"]
+    )
+    assert info["counts"]["dropped"] == {"licence:not_open": 1}  # cocoapods: CC-BY-NC-4.0
+    youtube, sony = samples["simpleicons/youtube"], samples["simpleicons/sony"]
     assert youtube["captions"] == ["the logo of YouTube", "YouTube logo icon", "the YouTube logo"]
     assert (youtube["hex"], youtube["drawn_colour"]) == ("FF0000", "#FF0000")
-    assert (effect["hex"], effect["drawn_colour"]) == ("FFFFFF", "#000000")  # white brand colour drawn dark
+    assert (sony["hex"], sony["drawn_colour"]) == ("FFFFFF", "#000000")  # white brand colour drawn dark
     pixels = np.asarray(Image.open(__import__("io").BytesIO(youtube["image"])).convert("RGB")).reshape(-1, 3)
     assert ((pixels[:, 0] > 200) & (pixels[:, 1] < 60) & (pixels[:, 2] < 60)).sum() > 50  # red, on white
     assert info["notes"]["drawn_dark"] == 1

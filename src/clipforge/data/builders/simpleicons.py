@@ -4,7 +4,9 @@ their brand colour on white, captioned "the {title} logo" and variants; one clas
 The wheel holds each icon's SVG, slug, title, brand colour (hex), source URL, guidelines URL and licence (set
 only where it is not CC0). Colours whose contrast ratio with white is under ``min_contrast`` (``rules.json``,
 section ``simpleicons``) are drawn in ``dark_fill`` so the logo stays visible. Drop reasons:
-``render:<reason>``, ``duplicate_image``. Logos are trademarks of their owners, whatever the SVG's licence.
+``licence:not_open`` (the icon's own licence is not in ``allowed_licences``: non-commercial, no-derivatives, or a
+terms-of-service or trademark-policy URL), ``render:<reason>``, ``duplicate_image``. Logos are trademarks of their
+owners, whatever the SVG's licence.
 """
 
 from __future__ import annotations
@@ -70,13 +72,19 @@ def collect(
     """Every logo (or the first ``limit`` by slug, or the listed ``slugs``) in its brand colour."""
     module = require_module(NAME, PACKAGE)
     require_module(NAME, RESVG)
-    pack_rules = load_rules(NAME, rules, required=("class", "caption_templates", "min_contrast", "dark_fill"))
+    pack_rules = load_rules(
+        NAME, rules, required=("class", "caption_templates", "allowed_licences", "min_contrast", "dark_fill")
+    )
+    allowed = set(pack_rules["allowed_licences"])
     icons = pack_icons(module)
     min_contrast, dark_fill = float(pack_rules["min_contrast"]), str(pack_rules["dark_fill"])
     dropped: Counter[str] = Counter()
     items: list[IconItem] = []
     darkened = 0
     for icon in select(icons, lambda i: i.slug, limit=limit, slugs=slugs):
+        if (icon.license or "CC0-1.0") not in allowed:
+            dropped["licence:not_open"] += 1
+            continue
         source = f"{NAME}/{icon.slug}"
         brand = f"#{icon.hex.upper()}"
         visible = contrast_with_white(icon.hex) >= min_contrast
