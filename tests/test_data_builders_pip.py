@@ -106,6 +106,19 @@ def test_broken_svg_in_a_real_build_is_counted(tmp_path: Path, monkeypatch: pyte
     assert list(samples) == ["mdi/account"]
 
 
+def test_process_pool_writes_the_same_shards(tmp_path: Path) -> None:
+    pytest.importorskip("material_design_icons_pack")
+    options = {"size": 16, "limit": 250, "progress": False}  # > one chunk of 200, so the pool is used
+    build("mdi", tmp_path / "one", workers=1, **options)
+    build("mdi", tmp_path / "two", workers=2, **options)
+    for split in ("train", "val", "test"):
+        one, two = (
+            sorted((tmp_path / "one" / split).glob("*.tar")),
+            sorted((tmp_path / "two" / split).glob("*.tar")),
+        )
+        assert [p.read_bytes() for p in one] == [p.read_bytes() for p in two]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The four builders on slices of the real packages
 

@@ -8,6 +8,7 @@ A render that fails is a drop reason, never a crash: ``render:error`` (resvg ref
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -41,9 +42,10 @@ def render_svg(svg: str, size: int, margin: float = DEFAULT_MARGIN) -> Image.Ima
         png = resvg_py.svg_to_bytes(svg_string=svg, width=inner, height=inner, skip_system_fonts=True)
         drawn = Image.open(io.BytesIO(bytes(png)))
         drawn.load()
-    except (
-        Exception
-    ) as exc:  # resvg raises ValueError, PanicException (a BaseException subclass is not caught)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    # ValueError for a bad SVG; a Rust panic arrives as pyo3's PanicException, a BaseException
+    except BaseException as exc:
         raise RenderError("render:error", f"resvg could not render the SVG: {exc}") from exc
     drawn = drawn.convert("RGBA")
     if drawn.getchannel("A").getextrema()[1] == 0:
@@ -106,6 +108,7 @@ def render_many(
             yield _render_one(job, image_options, margin)
         return
     chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: the caller may hold threads (torch, OpenMP) that a forked child would inherit locked
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for results in pool.map(_render_chunk, chunks, [image_options] * len(chunks), [margin] * len(chunks)):
             yield from results
