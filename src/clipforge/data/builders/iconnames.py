@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from clipforge.data.builders.captions import pick_templates, unique, with_article
+from clipforge.data.builders.captions import looks_plural, pick_templates, unique, with_article
 
 RULE_FIELDS = (
     "style_words",
@@ -212,7 +212,8 @@ class IconNamer:
         if multiple:  # "several accounts"; "several copies of the number 7"
             noun_phrase = f"several copies of {phrase}" if starts_with_article else f"several {phrase}"
         else:
-            noun_phrase = phrase if starts_with_article else with_article(phrase)
+            # the article agrees with the head ("angles pointing left", "arrows to a dot": no article)
+            noun_phrase = phrase if starts_with_article or looks_plural(head) else with_article(phrase)
         extras = [f"with {b}" for b in badges if b]
         extras += [self.containers[c] for c in containers]
         noun_phrase = " ".join([noun_phrase, *extras])
