@@ -300,7 +300,8 @@ def test_unknown_builder_and_option() -> None:
         build("digits", "x", png_root="y")
     from clipforge.cli.databuild import BUILDER_NAMES
 
-    assert sorted(BUILDERS) == list(BUILDER_NAMES) == ["digits", "emoji", "openclipart", "tuxpaint"]
+    assert sorted(BUILDERS) == list(BUILDER_NAMES)
+    assert {"digits", "emoji", "openclipart", "tuxpaint"} <= set(BUILDER_NAMES)
 
 
 # ----------------------------------------------------------------------------------------------------------------

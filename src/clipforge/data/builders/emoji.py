@@ -2,6 +2,8 @@
 ``emoji-test.txt`` rendered with Pillow (Noto Color Emoji at size 109, ``embedded_color=True``, shaped by
 libraqm so ZWJ sequences, flags and skin tones become one glyph) on white; the caption comes from the CLDR
 name, the labels from the CLDR group (``label``) and subgroup (``subgroup_label``), named by ``rules.json``.
+Without unicode-data the packaged table ``emoji_table.json`` (the same file compacted, Emoji 15.0; also what
+the ``openmoji`` builder names its SVGs by) stands in for ``emoji-test.txt``.
 
 Drop reasons: ``status:<status>`` (lines that are not fully-qualified), ``skin_tone_variant`` (only with
 ``skin_tones=False``), ``not_one_glyph`` (the font has no single glyph for the sequence), ``render_empty``.
@@ -9,6 +11,7 @@ Drop reasons: ``status:<status>`` (lines that are not fully-qualified), ``skin_t
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -101,6 +104,103 @@ def parse_emoji_test(text: str, path: str = "emoji-test.txt") -> list[EmojiEntry
     return entries
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The packaged table (emoji-test.txt compacted; scripts/build_emoji_table.py writes it)
+
+EMOJI_TABLE_PATH = Path(__file__).with_name("emoji_table.json")
+EMOJI_TABLE_FORMAT = "clipforge.emoji_table"
+TABLE_STATUSES = {"f": "fully-qualified", "m": "minimally-qualified", "u": "unqualified", "c": "component"}
+
+
+def emoji_table_document(entries: list[EmojiEntry], header: dict[str, Any]) -> str:
+    """The table as JSON text, one row per line: ``[codepoints, status code, version, name, subgroup index]``
+    with ``subgroups`` = ``[[group index, subgroup name], ...]`` and ``groups`` = names, in file order."""
+    codes = {v: k for k, v in TABLE_STATUSES.items()}
+    groups: list[str] = []
+    subgroups: list[tuple[str, str]] = []
+    rows = []
+    for entry in entries:
+        if entry.group not in groups:
+            groups.append(entry.group)
+        if (entry.group, entry.subgroup) not in subgroups:
+            subgroups.append((entry.group, entry.subgroup))
+        rows.append(
+            [
+                entry.codepoints,
+                codes[entry.status],
+                entry.version,
+                entry.name,
+                subgroups.index((entry.group, entry.subgroup)),
+            ]
+        )
+    head = {
+        "format": EMOJI_TABLE_FORMAT,
+        "version": 1,
+        **header,
+        "columns": ["codepoints", "status", "emoji_version", "name", "subgroup"],
+        "statuses": TABLE_STATUSES,
+        "groups": groups,
+    }
+
+    def one_per_line(items: list[Any]) -> str:
+        return "[\n" + ",\n".join("  " + json.dumps(item, ensure_ascii=False) for item in items) + "\n ]"
+
+    lines = json.dumps(head, indent=1, ensure_ascii=False)[:-2]
+    subgroup_rows = [[groups.index(g), name] for g, name in subgroups]
+    return f'{lines},\n "subgroups": {one_per_line(subgroup_rows)},\n "rows": {one_per_line(rows)}\n}}\n'
+
+
+def load_emoji_table(path: str | Path | None = None) -> tuple[list[EmojiEntry], dict[str, Any]]:
+    """Entries of the packaged table (same as :func:`parse_emoji_test` on the file it came from) and its
+    header (source, copyright, licence); :class:`DataError` names the file if it is malformed."""
+    table_path = Path(path) if path is not None else EMOJI_TABLE_PATH
+    try:
+        data = json.loads(table_path.read_text(encoding="utf-8"))
+        if data.get("format") != EMOJI_TABLE_FORMAT:
+            raise ValueError(f"its format is not {EMOJI_TABLE_FORMAT!r}")
+        groups, subgroups, statuses = data["groups"], data["subgroups"], data["statuses"]
+        entries = []
+        for number, (codepoints, status, version, name, subgroup) in enumerate(data["rows"], start=1):
+            group_index, subgroup_name = subgroups[subgroup]
+            text = "".join(chr(int(cp, 16)) for cp in codepoints.split())
+            entries.append(
+                EmojiEntry(
+                    text,
+                    codepoints,
+                    statuses[status],
+                    version,
+                    name,
+                    groups[group_index],
+                    subgroup_name,
+                    number,
+                )
+            )
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise DataError(
+            f"{table_path}: not a readable emoji table ({exc}); regenerate it with scripts/build_emoji_table.py"
+        ) from exc
+    header = {
+        k: v for k, v in data.items() if k not in ("rows", "groups", "subgroups", "statuses", "columns")
+    }
+    return entries, header
+
+
+def emoji_entries(emoji_test: str | Path | None) -> tuple[list[EmojiEntry], dict[str, Any]]:
+    """The emoji-test.txt entries from ``emoji_test``, or when it is ``None`` from unicode-data's file if
+    installed, else from the packaged table; and where they came from (for build.json's notes)."""
+    if emoji_test is None and DEFAULT_EMOJI_TEST.exists():
+        emoji_test = DEFAULT_EMOJI_TEST
+    if emoji_test is not None:
+        path = Path(emoji_test)
+        entries = parse_emoji_test(path.read_text(encoding="utf-8"), str(path))
+        return entries, {"emoji_test": str(path)}
+    entries, header = load_emoji_table()
+    return entries, {
+        "emoji_table": "clipforge/data/builders/emoji_table.json",
+        "emoji_table_source": header.get("source"),
+    }
+
+
 def name_phrase(name: str) -> str:
     """A CLDR name as a noun phrase: ``"flag: France"`` -> ``"the flag of France"``, ``"keycap: 7"`` ->
     ``"the keycap 7"``, ``"thumbs up: medium skin tone"`` -> ``"thumbs up (medium skin tone)"``."""
@@ -152,18 +252,25 @@ def load_font(path: str | Path, size: int = FONT_SIZE) -> ImageFont.FreeTypeFont
 def collect(
     image_options: ImageOptions,
     *,
-    emoji_test: str | Path = DEFAULT_EMOJI_TEST,
+    emoji_test: str | Path | None = None,
     font: str | Path = DEFAULT_FONT,
     font_size: int = FONT_SIZE,
     skin_tones: bool = True,
     rules: str | Path | None = None,
     progress: bool = True,
 ) -> Collected:
-    """Every fully-qualified emoji rendered as a thumbnail, labelled by CLDR group and subgroup."""
-    emoji_test, font = Path(emoji_test), Path(font)
-    require_files(NAME, [(font, PACKAGES[0]), (emoji_test, PACKAGES[1])], "font=/emoji_test= (--root)")
+    """Every fully-qualified emoji rendered as a thumbnail, labelled by CLDR group and subgroup.
+
+    ``emoji_test=None``: unicode-data's ``emoji-test.txt`` if installed, else the packaged table made from it
+    (:func:`load_emoji_table`, Emoji 15.0), so only the font package is needed.
+    """
+    font = Path(font)
+    needed = [(font, PACKAGES[0])]
+    if emoji_test is not None:
+        needed.append((Path(emoji_test), PACKAGES[1]))
+    require_files(NAME, needed, "font=/emoji_test= (--root)")
     names = load_rules(NAME, rules, required=("groups", "subgroups", "caption_templates"))
-    entries = parse_emoji_test(emoji_test.read_text(encoding="utf-8"), str(emoji_test))
+    entries, entries_from = emoji_entries(emoji_test)
     face = load_font(font, font_size)
     dropped: Counter[str] = Counter()
     candidates: list[Candidate] = []
@@ -215,7 +322,7 @@ def collect(
             "copyright_excerpts": {k: read_text_head(v, 20) for k, v in COPYRIGHT_FILES.items()},
         },
         notes={
-            "emoji_test": str(emoji_test),
+            **entries_from,
             "font": str(font),
             "font_size": font_size,
             "layout_engine": "raqm",
