@@ -396,3 +396,49 @@ def test_cli_lock_flags_reach_the_config(tmp_path):
 def test_unlocked_pretrained_towers_train_by_default():
     model = clipforge.create_model("lit-small")
     assert isinstance(model.text, PretrainedTower) and all(p.requires_grad for p in model.parameters())
+
+
+def _lit_small_run(tmp_path: Path, name: str, **overrides):
+    from clipforge.train import resolve_train_config
+
+    return resolve_train_config(overrides={
+        "model": "lit-small", "data.train": [str(EMOJI_TRAIN)], "data.batch_size": 4, "data.num_workers": 0,
+        "optim.warmup_steps": 0, "optim.schedule": "constant", "lock.text": True, "run.progress": False,
+        "run.output_dir": str(tmp_path), "run.name": name, **overrides,
+    })  # fmt: skip
+
+
+def test_lit_resume_is_bitwise_and_training_checkpoints_leave_the_tower_out(tmp_path):
+    """Without the feature cache (whose entries a resumed run recomputes in other batches, see docs/towers.md)."""
+    from safetensors.torch import load_file
+
+    from clipforge.train import train
+
+    reference = train(_lit_small_run(tmp_path, "reference", steps=4, **{"lock.cache_mb": 0}))
+    train(_lit_small_run(tmp_path, "victim", steps=2, **{"lock.cache_mb": 0}))
+    saved = torch.load(tmp_path / "victim" / "checkpoints" / "step_00000002.pt", weights_only=True)
+    assert saved["towers"]["text"]["tower"] == "minilm-l6"
+    assert not any(key.startswith("text.encoder.") for key in saved["model"])
+    resumed = train(resume=tmp_path / "victim", overrides={"steps": 4})
+    assert resumed.resumed_from and resumed.steps == 4
+    expected, got = load_file(reference.model_path), load_file(resumed.model_path)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_init_from_a_lit_checkpoint_and_zero_shot_eval_on_it(tmp_path, capsys):
+    from clipforge.cli import main
+    from clipforge.train import train
+
+    start = clipforge.create_model("lit-small")
+    with torch.no_grad():
+        start.text.proj.weight.fill_(0.01)
+    checkpoint = clipforge.save_checkpoint(start, tmp_path / "start.safetensors")
+    summary = train(
+        _lit_small_run(tmp_path, "init", steps=1, init_from=str(checkpoint), **{"optim.lr": 1e-9})
+    )
+    trained = clipforge.load_checkpoint(summary.model_path)
+    assert torch.allclose(trained.text.proj.weight, start.text.proj.weight, atol=1e-6)  # started from it
+    assert main(["eval", "zeroshot", "--data", str(EMOJI_TRAIN.parent), "--split", "test", "--model",
+                 summary.model_path, "--no-cache", "--workers", "0", "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
+    assert "zero-shot on" in capsys.readouterr().out
