@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -40,13 +39,15 @@ SIZES = (64, 96, 128, 224)
 
 
 def builtin_captions(n: int) -> list[str]:
-    import sys
+    """``n`` real captions from the built-in dataset's training shards (both sources, interleaved)."""
+    from clipforge.data.builtin import builtin_split_shards
+    from clipforge.data.raw import RawSample
+    from clipforge.data.shards import iter_shard
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.test_wordpiece import builtin_captions as read
-
-    captions = list(dict.fromkeys(read()))
-    return [captions[i % len(captions)] for i in range(0, n * 7, 7)]  # spread over both datasets
+    captions = [c for shard in builtin_split_shards("train") for s in iter_shard(shard)
+                if isinstance(s, RawSample) for c in s.captions]  # fmt: skip
+    captions = list(dict.fromkeys(captions))
+    return [captions[i * 7 % len(captions)] for i in range(n)]
 
 
 def image_rows(model, device, repeats: int, batch: int, precisions: list[str]) -> list[dict]:

@@ -135,6 +135,12 @@ def test_bad_tower_configs_name_the_field(overrides, message):
 def test_tower_files_are_the_pinned_ones():
     config = json.loads((minilm_folder() / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["hidden_act"]) == (384, 6, "gelu")
+    used = json.loads((minilm_folder() / "sentence_bert_config.json").read_text())["max_seq_length"]
+    assert (
+        get_model_config("lit-small").context_length
+        == used
+        == get_model_config("lit-effnet-minilm").context_length
+    )
     assert towers.bert_config(TOWERS["minilm-l6"]).normalize  # modules.json ends with Normalize
     for spec in TOWERS.values():
         assert towers.weights_sha256(spec) == spec.sha256

@@ -3,22 +3,20 @@ accented, emoji, CJK, control-character and very long texts, and character by ch
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import pickle
-import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 
 import clipforge
+from clipforge.data.builtin import builtin_split_shards
+from clipforge.data.raw import RawSample
+from clipforge.data.shards import iter_shard
 from clipforge.tokenizer import TokenizerOverflowError
 from clipforge.wordpiece import UNICODE_OVERRIDES_PATH, WordPieceTokenizer, _Normalizer
 from tests.test_towers import minilm_folder
-
-BUILTIN = Path(clipforge.__file__).parent / "builtin_data"
 
 HANDWRITTEN = [
     "A photo of a cat.",
@@ -54,20 +52,19 @@ HANDWRITTEN = [
 
 
 def builtin_captions() -> list[str]:
-    """Every caption (and the emoji themselves) in the built-in dataset's shards, from their .json and .txt."""
+    """Every caption in the built-in dataset's shards (their .txt and .json), plus the emoji, titles and
+    descriptions the .json files hold."""
     texts: list[str] = []
-    for shard in sorted(BUILTIN.glob("*/*/shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                data = tar.extractfile(member)
-                if data is None:
-                    continue
-                if member.name.endswith(".txt"):
-                    texts.append(io.TextIOWrapper(data, encoding="utf-8").read())
-                elif member.name.endswith(".json"):
-                    record = json.load(data)
-                    texts += record.get("captions", [])
-                    texts += [record[key] for key in ("emoji", "title", "description") if record.get(key)]
+    for split in ("train", "val", "test", "test_heldout"):
+        for shard in builtin_split_shards(split):
+            for sample in iter_shard(shard):
+                if isinstance(sample, RawSample):
+                    texts += sample.captions
+                    texts += [
+                        sample.extra[key]
+                        for key in ("emoji", "title", "description")
+                        if sample.extra.get(key)
+                    ]
     return texts
 
 

@@ -26,8 +26,8 @@ from clipforge.model.bert import BertConfig, BertEncoder
 from clipforge.model.efficientnet import EfficientNetLite
 from clipforge.model.tower_weights import bert_state_dict, efficientnet_state_dict
 
-IMAGENET_TF_LITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)  # EfficientNet-Lite: (pixel - 127) / 128
-IMAGENET_TF_LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+TF_LITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)  # EfficientNet-Lite: (pixel - 127) / 128
+TF_LITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,6 @@ class TowerSpec:
     config: dict[str, Any] = field(default_factory=dict)
     files: str = ""  # folder (relative to the package) with the tower's own config and tokenizer files
     max_length: int = 0  # text: positions the encoder has
-    default_length: int = 0  # text: the sequence length the tower was used with (its tokenizer's maximum)
 
     @property
     def pip(self) -> str:
@@ -78,8 +77,7 @@ TOWERS: dict[str, TowerSpec] = {
                 "tokenizer": {"name": "wordpiece"},
             },
             files="model",
-            max_length=512,
-            default_length=256,  # sentence_bert_config.json max_seq_length
+            max_length=512,  # configs use 256, sentence_bert_config.json's max_seq_length (a test checks)
         ),
         TowerSpec(
             name="efficientnet-lite0",
@@ -101,7 +99,7 @@ TOWERS: dict[str, TowerSpec] = {
                 },
                 # The TensorFlow Lite models' own normalisation ((x - 127) / 128; see docs/towers.md for the
                 # evidence), not the ImageNet mean/std the wrapper package's README copies from EfficientNet-B0.
-                "preprocess": {"mean": IMAGENET_TF_LITE_MEAN, "std": IMAGENET_TF_LITE_STD},
+                "preprocess": {"mean": TF_LITE_MEAN, "std": TF_LITE_STD},
             },
         ),
     )

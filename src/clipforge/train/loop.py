@@ -144,6 +144,9 @@ class _Trainer:
         model_config = get_model_config(cfg.model)
         if cfg.model_overrides:
             model_config = merge(model_config, _nested(cfg.model_overrides))
+        if cfg.objective != "contrastive" and (model_config.vision.tower or model_config.text.tower):
+            raise ConfigError(f"objective '{cfg.objective}' builds its own towers; pretrained towers (vision.tower, "
+                              "text.tower) are for the contrastive objective")  # fmt: skip
         model = objective.build_model(model_config)
         if cfg.init_from:
             if not isinstance(model, CLIP):
