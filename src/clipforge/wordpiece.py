@@ -17,6 +17,7 @@ made): see :data:`UNICODE_OVERRIDES_PATH` and ``tests/wordpiece_reference.py``, 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import unicodedata
 from collections.abc import Callable
@@ -74,6 +75,14 @@ def unicode_overrides() -> UnicodeOverrides:
     if data.get("unidata_version") != unicodedata.unidata_version:
         # The table corrects one Unicode version; under another the corrections could be wrong, so none apply
         # (tests/test_wordpiece.py then reports the code points where ids would differ).
+        logging.getLogger("clipforge.tokenizer").warning(
+            "%s corrects Python's Unicode %s tables, not this Python's %s: not applied, so rare characters "
+            "(added to Unicode recently) may get ids other than Hugging Face's; regenerate it with "
+            "python -m tests.wordpiece_reference",
+            UNICODE_OVERRIDES_PATH.name,
+            data.get("unidata_version"),
+            unicodedata.unidata_version,
+        )
         return UnicodeOverrides(*(frozenset() for _ in range(4)), {}, {}, frozenset(), frozenset())
 
     def ints(key: str) -> frozenset[int]:
