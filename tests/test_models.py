@@ -34,7 +34,7 @@ def test_registry_lists_paper_and_cpu_configs():
 def test_forward_backward_every_config(name):
     """Full width and depth; a small input (the smallest image the architecture accepts near 64 px)."""
     config = get_model_config(name)
-    small = 64 if config.vision.arch == "resnet" else 4 * config.vision.patch_size
+    small = 4 * config.vision.patch_size if config.vision.arch == "vit" else 64
     model = create_model(name, vision={"image_size": min(small, config.vision.image_size)})
     images = random_images(2, model.image_size)
     tokens = random_tokens(2, 12, vocab_size=config.text.vocab_size)

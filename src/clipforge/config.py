@@ -25,15 +25,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """Image tower. ``arch='vit'``: ``layers`` is an int. ``arch='resnet'``: ``layers`` is 4 stage depths."""
+    """Image tower. ``arch='vit'``: ``layers`` is an int. ``arch='resnet'``: ``layers`` is 4 stage depths.
 
-    arch: Literal["vit", "resnet"] = "vit"
+    ``tower``: a pretrained tower (:data:`clipforge.model.towers.TOWERS`, e.g. ``"efficientnet-lite0"``) that
+    replaces the from-scratch one; it fixes ``arch``, ``width``, ``layers`` and the image normalisation.
+    """
+
+    arch: Literal["vit", "resnet", "efficientnet_lite"] = "vit"
     image_size: int = 224
     layers: int | tuple[int, ...] = 12
     width: int = 768
     patch_size: int | None = 32  # ViT only
     head_width: int = 64  # heads = width // head_width (ViT) or width * 32 // head_width (ResNet attnpool)
     mlp_ratio: float = 4.0
+    tower: str | None = None
 
     @property
     def heads(self) -> int:
@@ -43,7 +48,8 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Causal text Transformer pooled at the end-of-text token."""
+    """Causal text Transformer pooled at the end-of-text token, or with ``tower`` a pretrained text tower (e.g.
+    ``"minilm-l6"``), which fixes the width, heads, layers, vocabulary and tokenizer."""
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -51,6 +57,7 @@ class TextConfig:
     heads: int = 8
     layers: int = 12
     mlp_ratio: float = 4.0
+    tower: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,9 +74,9 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """CLIP byte-level BPE settings; ``context_length`` comes from the text tower."""
+    """Tokenizer settings; ``context_length`` comes from the text tower. ``wordpiece``: a BERT text tower's."""
 
-    name: Literal["clip-bpe"] = "clip-bpe"
+    name: Literal["clip-bpe", "wordpiece"] = "clip-bpe"
     on_overflow: Literal["truncate", "error"] = "truncate"  # truncate keeps the end token and is counted
 
 
@@ -233,7 +240,11 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any, full_key: str) 
 
 
 def validate(config: ModelConfig) -> ModelConfig:
-    """Check the cross-field constraints a dataclass cannot express; raise :class:`ConfigError` naming the field."""
+    """Check the cross-field constraints a dataclass cannot express; raise :class:`ConfigError` naming the field.
+
+    A config naming a pretrained tower gets the fields that tower fixes (see :func:`apply_towers`).
+    """
+    config = apply_towers(config)
     v, t = config.vision, config.text
     name = config.name
     positive = {
@@ -250,7 +261,13 @@ def validate(config: ModelConfig) -> ModelConfig:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config '{name}': {key} must be positive, got {value}")
-    if v.arch == "vit":
+    if v.arch == "efficientnet_lite":
+        if v.tower is None:
+            raise ConfigError(
+                f"config '{name}': vision.arch 'efficientnet_lite' exists as a pretrained tower only; set "
+                "vision.tower (e.g. 'efficientnet-lite0')"
+            )
+    elif v.arch == "vit":
         if not isinstance(v.layers, int) or v.layers <= 0:
             raise ConfigError(
                 f"config '{name}': vision.layers must be a positive int for a ViT, got {v.layers!r}"
@@ -281,7 +298,35 @@ def validate(config: ModelConfig) -> ModelConfig:
         raise ConfigError(f"config '{name}': text.width {t.width} is not a multiple of text.heads {t.heads}")
     if t.context_length < 2:
         raise ConfigError(f"config '{name}': text.context_length must leave room for start and end tokens")
+    if (config.tokenizer.name == "wordpiece") != (t.tower is not None):
+        raise ConfigError(
+            f"config '{name}': tokenizer.name 'wordpiece' goes with a pretrained text.tower only"
+        )
     return config
+
+
+def apply_towers(config: ModelConfig) -> ModelConfig:
+    """``config`` with the fields its pretrained towers fix (architecture shape, normalisation, tokenizer)
+    written in, so the resolved config describes the model truthfully; unknown tower names raise."""
+    from clipforge.model.towers import tower_spec
+
+    data = None
+    for modality, section in (("image", "vision"), ("text", "text")):
+        name = getattr(config, section).tower
+        if name is None:
+            continue
+        spec = tower_spec(name)
+        if spec.modality != modality:
+            raise ConfigError(f"config '{config.name}': {section}.tower '{name}' is a {spec.modality} tower")
+        if section == "text" and not 2 <= config.text.context_length <= spec.max_length:
+            raise ConfigError(
+                f"config '{config.name}': text.context_length {config.text.context_length} must be in "
+                f"2..{spec.max_length}, the positions tower '{name}' has"
+            )
+        data = data if data is not None else config.to_dict()
+        for group, values in spec.config.items():
+            data[group].update(values)
+    return config if data is None else dataclass_from_dict(ModelConfig, data, f"config '{config.name}'")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -229,6 +229,10 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(context_length={self.context_length}, on_overflow={self.on_overflow!r})"
 
+    def _text_ids(self, text: str) -> bytes:
+        """Token ids of one text (no start/end tokens) as native int32 bytes."""
+        return self._chunks.ids_of(clean_text(text).split())
+
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, without start/end tokens and without truncation."""
         if not isinstance(text, str):
@@ -269,7 +273,7 @@ class Tokenizer:
     def _tokenize_few(self, texts: Sequence[str], context_length: int) -> torch.Tensor:
         """Same result as ``_encode_batch`` + ``_pack``, one text at a time."""
         try:
-            token_ids = [self._chunks.ids_of(clean_text(text).split()) for text in texts]
+            token_ids = [self._text_ids(text) for text in texts]
         except TypeError:
             _check_types(texts)
             raise
@@ -400,7 +404,8 @@ def get_tokenizer(name_or_model: str | ModelConfig | Any | None = None, **kwargs
     """The tokenizer for a model name, a :class:`ModelConfig`, or a model with a ``.config``; None: defaults.
 
     The context length comes from ``config.text.context_length`` and the overflow policy from
-    ``config.tokenizer.on_overflow``; keyword arguments override both.
+    ``config.tokenizer.on_overflow``; keyword arguments override both. ``tokenizer.name == 'wordpiece'`` (a
+    pretrained BERT text tower) gives a :class:`clipforge.wordpiece.WordPieceTokenizer` over the tower's files.
     """
     if name_or_model is None:
         return Tokenizer(**kwargs)
@@ -420,4 +425,9 @@ def get_tokenizer(name_or_model: str | ModelConfig | Any | None = None, **kwargs
         "on_overflow": config.tokenizer.on_overflow,
     }
     settings.update(kwargs)
+    if config.tokenizer.name == "wordpiece":
+        from clipforge.model.towers import tower_files, tower_spec
+        from clipforge.wordpiece import WordPieceTokenizer
+
+        return WordPieceTokenizer(tower_files(tower_spec(config.text.tower)), **settings)
     return Tokenizer(**settings)

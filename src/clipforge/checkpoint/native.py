@@ -19,7 +19,11 @@ FORMAT_NAME = "clipforge"
 FORMAT_VERSION = "1"
 
 
-def native_metadata(config: ModelConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def native_metadata(
+    config: ModelConfig, extra: Mapping[str, str] | None = None, towers: Mapping[str, object] | None = None
+) -> dict[str, str]:
+    """The header: format, versions, the resolved config and (LiT models) the pretrained ``towers`` the weights
+    need (see :mod:`clipforge.checkpoint.towers`); ``extra`` keys may not shadow these."""
     from clipforge import __version__
 
     metadata = {
@@ -28,6 +32,8 @@ def native_metadata(config: ModelConfig, extra: Mapping[str, str] | None = None)
         "clipforge_version": __version__,
         "config": config.to_json(),
     }
+    if towers:
+        metadata["towers"] = json.dumps(towers, sort_keys=True)
     for key, value in (extra or {}).items():
         if key in metadata:
             raise ValueError(f"metadata key '{key}' is reserved by the clipforge checkpoint format")

@@ -15,13 +15,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for name in list_models():
         config = get_model_config(name)
         v, t = config.vision, config.text
-        tower = (
-            f"ViT-{v.width}x{v.layers}/{v.patch_size}"
-            if v.arch == "vit"
-            else f"ResNet{list(v.layers)}x{v.width}"
-        )
+        if v.tower:  # pretrained towers (LiT) print their names
+            tower = f"{v.tower} (pretrained)"
+        elif v.arch == "vit":
+            tower = f"ViT-{v.width}x{v.layers}/{v.patch_size}"
+        else:
+            tower = f"ResNet{list(v.layers)}x{v.width}"
+        text = f"{t.tower} (pretrained)" if t.tower else f"{t.width}x{t.layers}"
         print(
-            f"{name:14s} {tower:26s} {v.image_size:4d}px  text {t.width}x{t.layers}  embed {config.embed_dim}  "
+            f"{name:17s} {tower:31s} {v.image_size:4d}px  text {text}  embed {config.embed_dim}  "
             f"{config.activation}"
         )
     return 0

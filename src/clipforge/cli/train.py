@@ -23,6 +23,10 @@ _TRAIN_SHORTCUTS = {
     "name": "run.name",
     "checkpoint_every": "run.checkpoint_every",
     "init_from": "init_from",
+    "lock_text": "lock.text",
+    "lock_image": "lock.image",
+    "text_unlocked_layers": "lock.text_unlocked_layers",
+    "image_unlocked_layers": "lock.image_unlocked_layers",
 }
 
 
@@ -92,6 +96,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="run folder name")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between training checkpoints")
     p.add_argument("--init-from", default=None, help="start from these weights instead of random init")
+    lit = p.add_argument_group("locked towers (LiT)")
+    lit.add_argument("--lock-text", action="store_const", const=True, default=None,
+                     help="freeze the text tower except its projection (lock.text)")  # fmt: skip
+    lit.add_argument("--lock-image", action="store_const", const=True, default=None,
+                     help="freeze the image tower except its projection (lock.image)")  # fmt: skip
+    lit.add_argument("--text-unlocked-layers", type=int, default=None, metavar="N",
+                     help="with --lock-text: its top N layers still train")  # fmt: skip
+    lit.add_argument("--image-unlocked-layers", type=int, default=None, metavar="N",
+                     help="with --lock-image: its top N blocks still train")  # fmt: skip
     p.add_argument(
         "--resume", default=None, help="'latest' (with --name), a run folder, or a checkpoint file"
     )

@@ -21,7 +21,8 @@ def create_model(
 
     ``overrides`` change config fields: top-level ones by name (``activation="gelu"``), nested ones as mappings
     (``vision={"layers": 2}``) or through ``merge`` with dotted keys. Weights come from
-    :func:`clipforge.load_checkpoint`, never from here.
+    :func:`clipforge.load_checkpoint`, never from here, with one exception: a pretrained tower the config names
+    (``vision.tower`` / ``text.tower``, see :mod:`clipforge.model.towers`) is built with its package's weights.
     """
     config = name_or_config if isinstance(name_or_config, ModelConfig) else get_model_config(name_or_config)
     if overrides:

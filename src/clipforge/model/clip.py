@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from torch import nn
 from clipforge.config import ModelConfig, merge
 from clipforge.model.resnet import ModifiedResNet
 from clipforge.model.text import TextTransformer
+from clipforge.model.towers import build_tower, frozen_modules, lock_tower
 from clipforge.model.vision import VisionTransformer
 
 
@@ -31,18 +32,28 @@ class CLIP(nn.Module):
 
     ``logit_scale`` holds log(1/τ), initialised to ln(1/0.07). The trainer clamps it so the scale never
     exceeds 100 (:meth:`clamp_logit_scale_`); the model itself never changes it outside training.
+
+    A tower named in the config (``vision.tower`` / ``text.tower``) is a pretrained
+    :class:`~clipforge.model.towers.PretrainedTower` with its package's weights; :meth:`lock` freezes a tower
+    for LiT training.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         vision = config.vision
-        if vision.arch == "vit":
-            self.visual: nn.Module = VisionTransformer(vision, config.embed_dim, config.activation)
+        if vision.tower is not None:
+            self.visual: nn.Module = build_tower(vision.tower, config.embed_dim)
+        elif vision.arch == "vit":
+            self.visual = VisionTransformer(vision, config.embed_dim, config.activation)
         else:
             self.visual = ModifiedResNet(vision, config.embed_dim)
-        self.text = TextTransformer(config.text, config.embed_dim, config.activation)
+        if config.text.tower is not None:
+            self.text: nn.Module = build_tower(config.text.tower, config.embed_dim)
+        else:
+            self.text = TextTransformer(config.text, config.embed_dim, config.activation)
         self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
+        self.locked_modules: list[nn.Module] = []  # kept in eval mode by train(); see lock()
 
     @property
     def image_size(self) -> int:
@@ -75,12 +86,25 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(0.0, float(torch.log(torch.tensor(max_scale))))
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute activations in the backward pass (per transformer block / ResNet stage)."""
-        towers = [self.visual, self.text.transformer]
-        if isinstance(self.visual, VisionTransformer):
-            towers[0] = self.visual.transformer
-        for tower in towers:
-            tower.grad_checkpointing = enabled
+        """Recompute activations in the backward pass (per transformer block / ResNet stage / tower block)."""
+        for tower in (self.visual, self.text):
+            getattr(tower, "transformer", tower).grad_checkpointing = enabled
+
+    def lock(self, tower: Literal["image", "text"], unlocked_layers: int = 0) -> None:
+        """Lock a tower (LiT): its parameters stop training except its projection into the joint space and its
+        top ``unlocked_layers`` layers, and its frozen parts stay in eval mode through :meth:`train` (no
+        dropout, BatchNorm statistics frozen). See :func:`clipforge.model.towers.lock_tower`."""
+        if tower not in ("image", "text"):
+            raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+        lock_tower(self.visual if tower == "image" else self.text, unlocked_layers)
+        self.locked_modules = [*frozen_modules(self.visual), *frozen_modules(self.text)]
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        for module in self.locked_modules:
+            module.eval()
+        return self
 
     def resize_image(self, image_size: int) -> None:
         """Resample image position embeddings for ``image_size`` px and update the config."""

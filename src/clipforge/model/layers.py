@@ -38,11 +38,17 @@ def inference_only(module: nn.Module) -> bool:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """softmax(q kᵀ / √d + mask) v on [B, H, Lq, Dh] queries and [B, H, Lk, Dh] keys/values.
 
     ``causal``: query i sees keys ≤ i (Lq = Lk). ``mask``: boolean, broadcastable to [B, H, Lq, Lk], True = keep.
+    ``dropout``: probability of dropping an attention weight (pass 0 outside training).
     Uses ``F.scaled_dot_product_attention`` except when training in bf16/fp16 on the CPU: there PyTorch's
     flash-attention backward is several times slower than plain matrix products at CLIP's sequence lengths
     (profiled: 33-46% of a bf16 training step of the small config), so that case is written out, with the
@@ -50,13 +56,14 @@ def attention(
     """
     reduced = q.dtype in (torch.bfloat16, torch.float16)
     if not (reduced and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if causal:
         mask = _causal_mask(q.shape[-2], q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return F.dropout(weights, dropout) @ v if dropout else weights @ v
 
 
 @functools.lru_cache(maxsize=32)
@@ -149,31 +156,44 @@ def length_groups(lengths: torch.Tensor, group_cost: int) -> list[tuple[torch.Te
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused q/k/v projection (the layout of ``nn.MultiheadAttention``)."""
+    """Multi-head self-attention with a fused q/k/v projection (the layout of ``nn.MultiheadAttention``).
 
-    def __init__(self, width: int, heads: int) -> None:
+    ``dropout`` drops attention weights in training mode (BERT's attention dropout; CLIP uses none).
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
+        self.dropout = dropout
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, packing: Packing | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        causal: bool = False,
+        packing: Packing | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x [B, L, W] -> [B, L, W], or packed sequences x [T, W] -> [T, W] (see :class:`Packing`).
 
         Packed sequences must be causal: padding then sits after every real token, where no query sees it.
+        ``mask`` (padded input only): boolean, broadcastable to [B, H, L, L], True = the key is seen.
         """
         qkv = self.qkv(x)
         if packing is None:
-            return self.out(self._attend(qkv, causal))
+            return self.out(self._attend(qkv, causal, mask))
         return self.out(packing.merge([self._attend(part, causal) for part in packing.split(qkv)]))
 
-    def _attend(self, qkv: torch.Tensor, causal: bool) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor, causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, 3W] -> [B, L, W]."""
         batch, length = qkv.shape[:2]
         q, k, v = qkv.view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, Dh]
-        return attention(q, k, v, causal=causal).transpose(1, 2).reshape(batch, length, -1)
+        dropout = self.dropout if self.training else 0.0
+        out = attention(q, k, v, causal=causal, mask=mask, dropout=dropout)
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
     def forward_rows(
         self, x: torch.Tensor, rows: torch.Tensor, causal: bool = False, packing: Packing | None = None

@@ -68,6 +68,22 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LockConfig:
+    """LiT (Zhai et al. 2022): locked towers are frozen (out of the optimizer, in eval mode: no dropout, BatchNorm
+    statistics frozen) except their projection into the joint space and their top ``*_unlocked_layers``."""
+
+    text: bool = False
+    image: bool = False
+    text_unlocked_layers: int = 0  # top layers of a locked text tower that still train
+    image_unlocked_layers: int = 0  # top blocks of a locked image tower that still train
+    # Features of fully locked pretrained towers are computed once per distinct input and reused (content
+    # addressed), in at most this much memory (0: no cache). A cached image tower trains on the deterministic
+    # eval transform (the same image must give the same tensor); cache_images=false keeps random crops.
+    cache_mb: int = 1024
+    cache_images: bool = True
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One contrastive pretraining run."""
 
@@ -77,6 +93,7 @@ class TrainConfig:
     objective: Literal["contrastive", "bag_of_words", "captioning"] = "contrastive"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys, e.g. {"vision.layers": 2}
     init_from: str = ""  # start from these weights (any checkpoint load_checkpoint reads); "" = random init
+    lock: LockConfig = field(default_factory=LockConfig)  # LiT: locked towers
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -137,6 +154,9 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
         "steps": config.steps >= 0,
         "epochs": config.epochs >= 0,
         "loss_chunk_size": config.loss_chunk_size >= 0,
+        "lock.text_unlocked_layers": config.lock.text_unlocked_layers >= 0,
+        "lock.image_unlocked_layers": config.lock.image_unlocked_layers >= 0,
+        "lock.cache_mb": config.lock.cache_mb >= 0,
     }
     for key, ok in checks.items():
         if not ok:
@@ -145,6 +165,11 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError("set the run length: steps (optimizer steps) or epochs (passes over the data)")
     if config.steps and config.epochs:
         raise ConfigError("set either steps or epochs, not both")
+    for tower in ("text", "image"):
+        if getattr(config.lock, f"{tower}_unlocked_layers") and not getattr(config.lock, tower):
+            raise ConfigError(
+                f"lock.{tower}_unlocked_layers: unlocks layers of a locked tower; set lock.{tower}=true"
+            )
     return config
 
 
@@ -193,6 +218,7 @@ def resolve_train_config(
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "LockConfig",
     "OptimConfig",
     "RunConfig",
     "TrainConfig",

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from clipforge.checkpoint import load_checkpoint
+from clipforge.checkpoint.towers import fill_tower_weights, split_tower_weights
 from clipforge.config import ConfigError, apply_overrides, get_model_config, merge
 from clipforge.data.skipguard import SkipPolicy, StreamFailure
 from clipforge.data.sources import open_source
@@ -34,6 +35,7 @@ from clipforge.objectives import get_objective, save_model
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import checkpoint as ckpt
 from clipforge.train.config import TrainConfig, train_config_from_dict
+from clipforge.train.lock import apply_locks
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.report import MetricsWriter, write_loss_plot
 from clipforge.train.step import apply_update, unwrap
@@ -73,6 +75,7 @@ class RunSummary:
     stopped_early: bool = False  # run.time_limit_s ended it before the planned steps
     model_path: str = ""
     resumed_from: str | None = None
+    feature_cache: dict[str, dict[str, int]] = field(default_factory=dict)  # locked towers' caches, by tower
 
 
 def train(
@@ -141,12 +144,16 @@ class _Trainer:
         model_config = get_model_config(cfg.model)
         if cfg.model_overrides:
             model_config = merge(model_config, _nested(cfg.model_overrides))
+        if cfg.objective != "contrastive" and (model_config.vision.tower or model_config.text.tower):
+            raise ConfigError(f"objective '{cfg.objective}' builds its own towers; pretrained towers (vision.tower, "
+                              "text.tower) are for the contrastive objective")  # fmt: skip
         model = objective.build_model(model_config)
         if cfg.init_from:
             if not isinstance(model, CLIP):
                 raise ConfigError(f"init_from: only the contrastive objective can start from a CLIP checkpoint, not "
                                   f"objective '{cfg.objective}'")  # fmt: skip
             model.load_state_dict(load_checkpoint(cfg.init_from, config=model.config).state_dict())
+        caches = apply_locks(model, cfg.lock)
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         model.to(self.device).train()
 
@@ -167,8 +174,13 @@ class _Trainer:
         ddp_model = model if env.world_size == 1 else DistributedDataParallel(model)
 
         tokenizer = get_tokenizer(model)
+        deterministic_images = "image" in caches  # a cached image's tensor must be the same every epoch
+        if deterministic_images:
+            log.info(
+                "lock: image features are cached, so training images use the eval transform (no random crop)"
+            )
         decoder = SampleDecoder(
-            get_transforms(model, train=True),
+            get_transforms(model, train=not deterministic_images),
             caption=cfg.data.caption,
             max_pixels=cfg.data.max_pixels,
             fill_color=model.config.preprocess.fill_color,
@@ -256,6 +268,8 @@ class _Trainer:
                     "skipped": self._global_counts(counts),
                     "nonfinite_steps": nonfinite_total,
                 }
+                if caches:
+                    record["feature_cache"] = {tower: cache.stats() for tower, cache in caches.items()}
                 metrics.write(record)
                 if progress is not None:
                     progress.set_postfix(
@@ -283,6 +297,7 @@ class _Trainer:
             skipped=self._global_counts(counts),
             nonfinite_steps=nonfinite_total,
             resumed_from=str(self.resume_path) if self.resume_path else None,
+            feature_cache={tower: cache.stats() for tower, cache in caches.items()},
         )
         if env.is_main:
             model_path = save_model(unwrap(ddp_model), self.run_dir / "model.safetensors", cfg.objective)
@@ -292,6 +307,9 @@ class _Trainer:
             skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items())) or "none"
             log.info("done: %d steps, final loss %s, skipped: %s; model %s", total_steps,
                      f"{last_loss:.4f}" if last_loss is not None else "n/a", skipped, model_path)  # fmt: skip
+            for tower, stats in summary.feature_cache.items():
+                log.info("feature cache (%s tower): %d hits, %d misses, %d entries, %.1f MB, %d evicted", tower,
+                         stats["hits"], stats["misses"], stats["entries"], stats["bytes"] / 2**20, stats["evicted"])  # fmt: skip
         return summary
 
     # ------------------------------------------------------------------------------------------------------
@@ -359,7 +377,9 @@ class _Trainer:
                 f"{data['num_workers']}), not {self.env.world_size} x {cfg.data.num_workers}: the data stream is "
                 "split by both. Relaunch with the saved numbers (--set data.num_workers=...)"
             )
-        model.load_state_dict(state["model"])
+        model.load_state_dict(
+            fill_tower_weights(model, state["model"], state.get("towers", {}), self.resume_path)
+        )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -393,11 +413,13 @@ class _Trainer:
         if not self.env.is_main:
             return
         cfg = self.config
+        model_state, towers = split_tower_weights(model)  # tensors still equal to a tower package's stay out
         payload = {
             "config": cfg.to_json(),
             "model_config": model.config.to_json(),
             "samples_seen": samples_seen,
-            "model": model.state_dict(),
+            "model": model_state,
+            "towers": towers,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,

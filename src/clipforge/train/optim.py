@@ -11,7 +11,7 @@ from torch import nn
 from clipforge.train.config import OptimConfig
 
 # Parameters that are embeddings or temperature rather than weights: never decayed (as in the paper's code).
-_NO_DECAY_NAMES = ("logit_scale", "class_token", "pos_embed", "token_embed")
+_NO_DECAY_NAMES = ("logit_scale", "class_token", "pos_embed", "token_embed", "segment_embed")
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
