@@ -31,6 +31,8 @@ class CLIP(nn.Module):
 
     ``logit_scale`` holds log(1/τ), initialised to ln(1/0.07). The trainer clamps it so the scale never
     exceeds 100 (:meth:`clamp_logit_scale_`); the model itself never changes it outside training.
+    ``logit_bias`` (a scalar, SigLIP's b) exists only when ``config.init_logit_bias`` is set, else it is None;
+    :class:`clipforge.losses.SigmoidLoss` takes it beside the forward output.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -43,6 +45,9 @@ class CLIP(nn.Module):
             self.visual = ModifiedResNet(vision, config.embed_dim)
         self.text = TextTransformer(config.text, config.embed_dim, config.activation)
         self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
+        # SigLIP's learned bias, only when the config asks for one: CLIP checkpoints keep their exact key set.
+        bias = config.init_logit_bias
+        self.register_parameter("logit_bias", None if bias is None else nn.Parameter(torch.tensor(bias)))
 
     @property
     def image_size(self) -> int:
