@@ -36,22 +36,37 @@ def mentions_colour(caption: str) -> bool:
     return _patterns()["colour"].search(caption) is not None
 
 
+def split_items(caption: str) -> list[str]:
+    """The comma-separated items of ``caption``, stripped, empty ones removed; commas inside brackets do not
+    split ("a family (man, woman, girl)" is one item)."""
+    items, depth, start = [], 0, 0
+    for index, char in enumerate(caption):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            items.append(caption[start:index])
+            start = index + 1
+    items.append(caption[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
 def augment_tags(caption: str, generator: torch.Generator, drop: float = 0.0, shuffle: bool = False) -> str:
     """A comma-separated list ("cat, animal, pet, cute") with each item after the first dropped with probability
     ``drop`` and, with ``shuffle``, the kept items after the first in random order; joined by ", ".
 
-    Captions without a comma come back unchanged and draw nothing from ``generator``. Empty items (",,") are
-    removed. Draws: one uniform per item after the first (when ``drop`` > 0), then one permutation of the kept
-    ones (with ``shuffle``), so a fixed generator state gives a fixed result.
+    Captions with fewer than two items (:func:`split_items`) come back unchanged and draw nothing from
+    ``generator``. Draws: one uniform per item after the first (when ``drop`` > 0), then one permutation of the
+    kept ones (with ``shuffle``), so a fixed generator state gives a fixed result.
     """
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
     if "," not in caption or not (drop or shuffle):
         return caption
-    items = [item.strip() for item in caption.split(",")]
-    items = [item for item in items if item]
+    items = split_items(caption)
     if len(items) < 2:
-        return ", ".join(items)
+        return caption
     head, rest = items[0], items[1:]
     if drop:
         keep = torch.rand(len(rest), generator=generator) >= drop
