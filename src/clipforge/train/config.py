@@ -64,7 +64,8 @@ class LossConfig:
     kind: Literal["softmax", "sigmoid"] = "softmax"
     label_smoothing: float = 0.0  # softmax only: as F.cross_entropy(label_smoothing=...) on the logits
     # Pairs with identical captions (token rows) in the global batch are positives of each other, not negatives:
-    # softmax targets spread uniformly over a row's positives; sigmoid labels +1 for every same-caption pair.
+    # sigmoid labels +1 for every same-caption pair; softmax targets spread uniformly over a row's positives
+    # (with identical captions' identical embeddings that is exactly the standard loss: see docs/recipes.md).
     multi_positive: bool = False
     learn_temperature: bool = True  # false: the logit scale (and bias) stay at their init values, untrained
 
