@@ -39,6 +39,9 @@ class VisionConfig:
     head_width: int = 64  # heads = width // head_width (ViT) or width * 32 // head_width (ResNet attnpool)
     mlp_ratio: float = 4.0
     tower: str | None = None
+    # FLIP (Li et al. 2023), ViT only: in training mode keep a random round((1 - p) * N) of the N patch tokens
+    # per image (class token always kept); evaluation sees every patch. 0.5 halves the image tokens.
+    patch_dropout: float = 0.0
 
     @property
     def heads(self) -> int:
@@ -70,6 +73,11 @@ class PreprocessConfig:
     resize_mode: Literal["shortest", "squash"] = "shortest"  # shortest: resize short side then center crop
     train_crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range for training
     fill_color: tuple[int, int, int] = (255, 255, 255)  # background for images with transparency
+    # Training only, and only where the caption stays true (clipforge.data.captions decides per sample):
+    # horizontal flip with this probability unless the caption names a side (left, right, ...);
+    # brightness, contrast, saturation jitter (factors uniform in [1 - s, 1 + s]; no hue) unless it names a colour.
+    train_hflip: float = 0.0
+    train_color_jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
     init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None  # set: CLIP gets a learned logit_bias (SigLIP's sigmoid loss: -10)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -302,6 +311,7 @@ def validate(config: ModelConfig) -> ModelConfig:
         raise ConfigError(
             f"config '{name}': tokenizer.name 'wordpiece' goes with a pretrained text.tower only"
         )
+    _validate_augmentation(config)
     return config
 
 
@@ -327,6 +337,28 @@ def apply_towers(config: ModelConfig) -> ModelConfig:
         for group, values in spec.config.items():
             data[group].update(values)
     return config if data is None else dataclass_from_dict(ModelConfig, data, f"config '{config.name}'")
+
+
+def _validate_augmentation(config: ModelConfig) -> None:
+    """Training-time augmentation fields (patch dropout, flip, colour jitter)."""
+    name, v, p = config.name, config.vision, config.preprocess
+    if not 0.0 <= v.patch_dropout < 1.0:
+        raise ConfigError(
+            f"config '{name}': vision.patch_dropout is the share of patches dropped, in [0, 1); got {v.patch_dropout}"
+        )
+    if v.patch_dropout and v.arch != "vit":
+        raise ConfigError(
+            f"config '{name}': vision.patch_dropout needs a ViT (patches); set it to 0 for a ResNet"
+        )
+    if not 0.0 <= p.train_hflip <= 1.0:
+        raise ConfigError(
+            f"config '{name}': preprocess.train_hflip is a probability in [0, 1] (0.5 to use), got {p.train_hflip}"
+        )
+    if min(p.train_color_jitter) < 0:
+        raise ConfigError(
+            f"config '{name}': preprocess.train_color_jitter strengths (brightness, contrast, saturation) must be "
+            f">= 0 (e.g. [0.2, 0.2, 0.2]), got {list(p.train_color_jitter)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

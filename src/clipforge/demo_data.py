@@ -53,7 +53,9 @@ def load_plan(path: str | Path = PLAN_PATH) -> dict[str, Any]:
     try:
         plan = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the demo's data plan ({exc}); restore it from the repository") from exc
+        raise DataError(
+            f"{path}: cannot read the demo's data plan ({exc}); restore it from the repository"
+        ) from exc
     for key in ("build", "train", "evals"):
         if key not in plan:
             raise DataError(f"{path}: the data plan has no {key!r} section")
@@ -68,13 +70,20 @@ def prepare(plan: Mapping[str, Any] | None = None, *, progress: bool = True) -> 
     plan = dict(plan or load_plan())
     names = list(plan["build"])
     started = time.perf_counter()
-    before = {p.name for p in (cache_root() / "data").glob("*")} if (cache_root() / "data").is_dir() else set()
+    before = (
+        {p.name for p in (cache_root() / "data").glob("*")} if (cache_root() / "data").is_dir() else set()
+    )
     roots: dict[str, Path] = dict(ensure_datasets(names, options=plan["build"], progress=progress))
     after = {p.name for p in (cache_root() / "data").glob("*")}
     built = tuple(sorted(name for name in names if roots[name].name in after - before))
     seconds = time.perf_counter() - started
     used = {part["source"] for part in plan["train"]}
-    used |= {p["source"] for section in ("evals", "validation") for e in plan.get(section, {}).values() for p in e["parts"]}
+    used |= {
+        p["source"]
+        for section in ("evals", "validation")
+        for e in plan.get(section, {}).values()
+        for p in e["parts"]
+    }
     for source in sorted(used):
         if source.startswith(BUILTIN_PREFIX):
             roots[source] = builtin_dataset_path(source.removeprefix(BUILTIN_PREFIX))
@@ -101,5 +110,6 @@ def load_joined_set(name: str, spec: Mapping[str, Any], roots: Mapping[str, Path
         images += part.images
         labels += [index[part.classnames[label]] for label in part.labels]
     sources = ", ".join(f"{p['source']}/{p['split']}" for p in spec["parts"])
-    return ZeroShotSet(name, images, np.asarray(labels), tuple(classnames), templates, spec.get("kind", ""), sources)
-
+    return ZeroShotSet(
+        name, images, np.asarray(labels), tuple(classnames), templates, spec.get("kind", ""), sources
+    )

@@ -1,12 +1,17 @@
-"""CLIP's symmetric contrastive (InfoNCE) loss: exact, across processes, and in bounded memory.
+"""Contrastive losses on image and text embeddings: CLIP's symmetric softmax (InfoNCE) loss and SigLIP's pairwise
+sigmoid loss, each exact, across processes and in bounded memory.
 
-``chunk_size=None`` builds the full B×B logits matrix (O(B²) memory). An integer (or ``"auto"``)
-computes the same loss and the same gradients block by block, never holding more than ``chunk_size`` rows of
-logits: extra memory O(chunk_size × B + B × D) instead of O(B²).
+``chunk_size=None`` builds the full B×B logits matrix (O(B²) memory). An integer (or ``"auto"``) computes the
+same loss and the same gradients block by block, never holding more than ``chunk_size`` rows of logits: extra
+memory O(chunk_size × B + B × D) instead of O(B²).
+
+Options for small data (docs/recipes.md): ``label_smoothing`` for the softmax loss, and ``multi_positive``: pairs
+whose captions are identical (equal :func:`caption_ids`) are positives of each other instead of negatives.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -44,46 +49,170 @@ def _resolve_chunk(chunk_size: ChunkSize, num_keys: int) -> int | None:
     return chunk_size
 
 
-def _diagonal(block: Tensor, start: int, offset: int) -> tuple[Tensor, Tensor]:
-    """(row indices, column indices) of the positives of rows ``start:start+len(block)``."""
-    rows = torch.arange(block.shape[0], device=block.device)
-    return rows, rows + start + offset
+# ----------------------------------------------------------------------------------------------------------------
+# Caption identity and positives
+
+# Two polynomial hashes modulo primes below 2^31: every product and sum stays far inside int64 on any device.
+_HASH_PRIMES = (2_147_483_629, 2_147_483_587)
+_HASH_BASES = (1_000_003, 911_382_323)
+
+
+@functools.lru_cache(maxsize=32)
+def _hash_powers(length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    powers = []
+    for prime, base in zip(_HASH_PRIMES, _HASH_BASES):
+        values, value = [], 1
+        for _ in range(length):
+            values.append(value)
+            value = value * base % prime
+        powers.append(torch.tensor(values, dtype=torch.int64, device=device))
+    return powers[0], powers[1]
+
+
+def caption_ids(tokens: Tensor) -> Tensor:
+    """Token rows [B, L] -> [B] int64, equal for identical rows: a 62-bit hash (two polynomial hashes modulo
+    primes near 2^31). Distinct rows collide with probability about L / 2^31 squared per pair (~1e-15 at L = 77)."""
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {list(tokens.shape)}")
+    first, second = _hash_powers(tokens.shape[1], tokens.device)
+    tokens = tokens.long()
+    low = (tokens * second % _HASH_PRIMES[1]).sum(dim=1) % _HASH_PRIMES[1]
+    high = (tokens * first % _HASH_PRIMES[0]).sum(dim=1) % _HASH_PRIMES[0]
+    return high * 2**31 + low
+
+
+def _checked_ids(caption_ids: Tensor | None, batch: int) -> Tensor | None:
+    if caption_ids is None:
+        return None
+    if caption_ids.shape != (batch,) or caption_ids.dtype.is_floating_point:
+        raise ValueError(
+            f"caption_ids must be integers of shape [{batch}] (one per pair), got {caption_ids.dtype} "
+            f"{list(caption_ids.shape)}"
+        )
+    return caption_ids.long()
+
+
+def _unless_unique(ids: Tensor | None) -> Tensor | None:
+    """``ids``, or None when no two are equal: then the plain paired loss is the same loss, bit for bit."""
+    if ids is None or torch.unique(ids).numel() == ids.numel():
+        return None
+    return ids
+
+
+class _Positives:
+    """Which keys are each query's positives: key ``offset + i`` for query i (its own pair), or, with caption ids,
+    every key whose id equals the query's (its own pair included, so every query has at least one)."""
+
+    def __init__(self, offset: int, query_ids: Tensor | None = None, key_ids: Tensor | None = None) -> None:
+        self.offset = offset
+        self.query_ids, self.key_ids = query_ids, key_ids
+        self.diagonal = query_ids is None
+        if query_ids is not None:
+            assert key_ids is not None
+            sorted_keys = key_ids.sort().values
+            counts = torch.searchsorted(sorted_keys, query_ids, right=True) - torch.searchsorted(
+                sorted_keys, query_ids
+            )
+            self.query_counts = counts.clamp_min(1)  # [n] positives per query
+
+    def diagonal_index(self, block: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """(row indices, column indices) of the positives of rows ``start:start+len(block)``."""
+        rows = torch.arange(block.shape[0], device=block.device)
+        return rows, rows + start + self.offset
+
+    def mask(self, start: int, stop: int) -> Tensor:
+        """[stop - start, N] bool: True where the key is a positive of the query."""
+        assert self.query_ids is not None and self.key_ids is not None
+        return self.query_ids[start:stop, None] == self.key_ids[None, :]
+
+    def mean_logit(self, block: Tensor, start: int) -> Tensor:
+        """Mean logit over each block row's positives, [rows] (exactly the paired logit for a single positive)."""
+        if self.diagonal:
+            return block[self.diagonal_index(block, start)]
+        stop = start + block.shape[0]
+        total = torch.where(self.mask(start, stop), block, 0.0).sum(dim=1)
+        return total / self.query_counts[start:stop].to(block.dtype)
+
+    def subtract_targets(self, block: Tensor, start: int, weight: float) -> None:
+        """``block -= weight × (uniform distribution over each row's positives)``, in place."""
+        if self.diagonal:
+            block[self.diagonal_index(block, start)] -= weight
+            return
+        stop = start + block.shape[0]
+        block.sub_(self.mask(start, stop) * (weight / self.query_counts[start:stop, None].to(block.dtype)))
+
+    def dense(self, rows: int, cols: int, device: torch.device) -> Tensor:
+        """The whole [rows, cols] positive mask (for the unchunked reference paths)."""
+        if self.diagonal:
+            index = torch.arange(rows, device=device)
+            mask = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+            mask[index, index + self.offset] = True
+            return mask
+        return self.mask(0, rows)
+
+
+def _mix(positive: Tensor, mean: Tensor | None, smoothing: float) -> Tensor:
+    """Σ_j t_ij · logit_ij for label-smoothed targets t = (1 − ε)·(positives) + ε / N (``mean``: row means)."""
+    if not smoothing:
+        return positive
+    assert mean is not None
+    return (1 - smoothing) * positive + smoothing * mean
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Softmax (InfoNCE)
 
 
 class _ChunkedInfoNCE(torch.autograd.Function):
-    """mean_i CE(s · q_i Kᵀ, offset + i) for queries Q [n, D], keys K [N, D], scale s; one direction."""
+    """mean_i CE(s · q_i Kᵀ, targets_i) for queries Q [n, D], keys K [N, D], scale s; one direction.
+
+    Targets: the key ``offset + i``, or (with ``query_ids``/``key_ids``) uniform over the keys with the query's
+    id; label-smoothed by ``smoothing`` as ``F.cross_entropy(label_smoothing=...)`` does.
+    """
 
     @staticmethod
-    def forward(ctx, queries: Tensor, keys: Tensor, scale: Tensor, offset: int, chunk: int) -> Tensor:
+    def forward(
+        ctx,
+        queries: Tensor,
+        keys: Tensor,
+        scale: Tensor,
+        offset: int,
+        chunk: int,
+        smoothing: float = 0.0,
+        query_ids: Tensor | None = None,
+        key_ids: Tensor | None = None,
+    ) -> Tensor:
         n = queries.shape[0]
+        positives = _Positives(offset, query_ids, key_ids)
         lse = queries.new_empty(n)
-        positive = queries.new_empty(n)
+        target = queries.new_empty(n)
         for start in range(0, n, chunk):
             block = (scale * queries[start : start + chunk]) @ keys.T
-            rows, cols = _diagonal(block, start, offset)
-            positive[start : start + chunk] = block[rows, cols]
+            mean = block.mean(dim=1) if smoothing else None
+            target[start : start + chunk] = _mix(positives.mean_logit(block, start), mean, smoothing)
             lse[start : start + chunk] = torch.logsumexp(block, dim=1)
         ctx.save_for_backward(queries, keys, scale, lse)
-        ctx.offset, ctx.chunk = offset, chunk
-        return (lse - positive).mean()
+        ctx.positives, ctx.chunk, ctx.smoothing = positives, chunk, smoothing
+        return (lse - target).mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
         queries, keys, scale, lse = ctx.saved_tensors
         need_queries, need_keys, need_scale = ctx.needs_input_grad[:3]
-        n, chunk, offset = queries.shape[0], ctx.chunk, ctx.offset
+        n, chunk, positives, smoothing = queries.shape[0], ctx.chunk, ctx.positives, ctx.smoothing
         weight = grad_loss / n
         grad_queries = torch.empty_like(queries) if need_queries else None
         grad_keys = torch.zeros_like(keys) if need_keys else None
         grad_scale = torch.zeros((), dtype=torch.float64, device=scale.device)
         for start in range(0, n, chunk):
             q = queries[start : start + chunk]
-            # dCE/dlogits = softmax - onehot, rebuilt in place in the recomputed logits block.
+            # dCE/dlogits = softmax - targets, rebuilt in place in the recomputed logits block.
             block = (scale * q) @ keys.T
             block.sub_(lse[start : start + chunk, None]).exp_()
-            rows, cols = _diagonal(block, start, offset)
-            block[rows, cols] -= 1.0
+            positives.subtract_targets(block, start, 1.0 - smoothing)
+            if smoothing:
+                block.sub_(smoothing / block.shape[1])
             block.mul_(weight)
             if grad_keys is not None:
                 grad_keys.addmm_(block.T, q)
@@ -95,56 +224,85 @@ class _ChunkedInfoNCE(torch.autograd.Function):
                 grad_scale += (q.double() * g_keys.double()).sum()
         if grad_keys is not None:
             grad_keys.mul_(scale)
-        return grad_queries, grad_keys, grad_scale.to(scale.dtype) if need_scale else None, None, None
+        scale_grad = grad_scale.to(scale.dtype) if need_scale else None
+        return grad_queries, grad_keys, scale_grad, None, None, None, None, None
 
 
 class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
-    """(CE(s X Yᵀ, arange) + CE(s Y Xᵀ, arange)) / 2 for X, Y [B, D] in one pass over row blocks of X Yᵀ.
+    """(CE(s X Yᵀ, targets) + CE(s Y Xᵀ, targets)) / 2 for X, Y [B, D] in one pass over row blocks of X Yᵀ.
 
     Row log-sum-exps give the image→text term, running column log-sum-exps the text→image term, so every
-    block is multiplied once forward and once backward (half the work of two one-direction passes).
+    block is multiplied once forward and once backward (half the work of two one-direction passes). Targets as
+    in :class:`_ChunkedInfoNCE` (``ids``: one caption id per pair, for both towers).
     """
 
     @staticmethod
-    def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, chunk: int) -> Tensor:
+    def forward(
+        ctx,
+        image: Tensor,
+        text: Tensor,
+        scale: Tensor,
+        chunk: int,
+        smoothing: float = 0.0,
+        ids: Tensor | None = None,
+    ) -> Tensor:
         batch = image.shape[0]
+        positives = _Positives(0, ids, ids)
         row_lse = image.new_empty(batch)
         positive = image.new_empty(batch)
+        col_positive = image.new_zeros(batch) if ids is not None else positive
+        row_mean = image.new_empty(batch) if smoothing else None
+        col_total = image.new_zeros(batch) if smoothing else None
         col_max = image.new_full((batch,), float("-inf"))
         col_sum = image.new_zeros(batch)
         for start in range(0, batch, chunk):
             block = (scale * image[start : start + chunk]) @ text.T
-            rows, cols = _diagonal(block, start, 0)
-            positive[start : start + chunk] = block[rows, cols]
+            positive[start : start + chunk] = positives.mean_logit(block, start)
+            if ids is not None:  # Σ_i over the column's positives; divided by the (symmetric) counts below
+                col_positive += torch.where(positives.mask(start, start + block.shape[0]), block, 0.0).sum(0)
+            if smoothing:
+                row_mean[start : start + chunk] = block.mean(dim=1)
+                col_total += block.sum(dim=0)
             row_lse[start : start + chunk] = torch.logsumexp(block, dim=1)
             # Online log-sum-exp down the columns: rescale the running sum to the new running max.
             new_max = torch.maximum(col_max, block.amax(dim=0))
             col_sum.mul_(torch.exp(col_max - new_max)).add_(block.sub_(new_max).exp_().sum(dim=0))
             col_max = new_max
         col_lse = col_max + torch.log(col_sum)
+        if ids is not None:
+            col_positive = col_positive / positives.query_counts.to(col_positive.dtype)
+        row_target = _mix(positive, row_mean, smoothing)
+        col_target = _mix(col_positive, col_total / batch if smoothing else None, smoothing)
         ctx.save_for_backward(image, text, scale, row_lse, col_lse)
-        ctx.chunk = chunk
-        return ((row_lse - positive).mean() + (col_lse - positive).mean()) / 2
+        ctx.positives, ctx.chunk, ctx.smoothing = positives, chunk, smoothing
+        return ((row_lse - row_target).mean() + (col_lse - col_target).mean()) / 2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
         image, text, scale, row_lse, col_lse = ctx.saved_tensors
         need_image, need_text, need_scale = ctx.needs_input_grad[:3]
-        batch, chunk = image.shape[0], ctx.chunk
+        batch, chunk, positives, smoothing = image.shape[0], ctx.chunk, ctx.positives, ctx.smoothing
         weight = grad_loss / (2 * batch)
         grad_image = torch.empty_like(image) if need_image else None
         grad_text = torch.zeros_like(text) if need_text else None
         grad_scale = torch.zeros((), dtype=torch.float64, device=scale.device)
         for start in range(0, batch, chunk):
             x = image[start : start + chunk]
-            # Row softmax + column softmax - 2·onehot: the gradient of both directions for this block.
+            # Row softmax + column softmax - row targets - column targets: both directions' gradient.
             block = (scale * x) @ text.T
             col_softmax = torch.sub(block, col_lse).exp_()
             block.sub_(row_lse[start : start + chunk, None]).exp_().add_(col_softmax)
             del col_softmax
-            rows, cols = _diagonal(block, start, 0)
-            block[rows, cols] -= 2.0
+            if positives.diagonal:
+                positives.subtract_targets(block, start, 2.0 * (1.0 - smoothing))
+            else:  # row targets 1/count_i, column targets 1/count_j on the positives
+                positives.subtract_targets(block, start, 1.0 - smoothing)
+                mask = positives.mask(start, start + block.shape[0])
+                block.sub_(mask * ((1.0 - smoothing) / positives.query_counts[None, :].to(block.dtype)))
+                del mask
+            if smoothing:
+                block.sub_(2 * smoothing / batch)
             block.mul_(weight)
             if grad_text is not None:
                 grad_text.addmm_(block.T, x)
@@ -155,15 +313,35 @@ class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
                 grad_scale += (x.double() * g_text.double()).sum()
         if grad_text is not None:
             grad_text.mul_(scale)
-        return grad_image, grad_text, grad_scale.to(scale.dtype) if need_scale else None, None
+        return grad_image, grad_text, grad_scale.to(scale.dtype) if need_scale else None, None, None, None
 
 
-def _one_direction(queries: Tensor, keys: Tensor, scale: Tensor, offset: int, chunk: int | None) -> Tensor:
-    """Mean over query rows i of CE(s · q_i Kᵀ) with the positive at key ``offset + i``."""
+def _soft_targets(positives: _Positives, logits: Tensor) -> Tensor:
+    """Probability targets for ``logits`` [n, N] (its shape and dtype): each row uniform over its positives."""
+    mask = positives.dense(*logits.shape, logits.device).to(logits.dtype)
+    return mask / mask.sum(dim=1, keepdim=True)
+
+
+def _one_direction(
+    queries: Tensor,
+    keys: Tensor,
+    scale: Tensor,
+    offset: int,
+    chunk: int | None,
+    smoothing: float = 0.0,
+    query_ids: Tensor | None = None,
+    key_ids: Tensor | None = None,
+) -> Tensor:
+    """Mean over query rows i of CE(s · q_i Kᵀ) with the positive at key ``offset + i`` (or, with ids, the keys
+    sharing the query's id)."""
     if chunk is None:
-        labels = torch.arange(queries.shape[0], device=queries.device) + offset
-        return F.cross_entropy(scale * queries @ keys.T, labels)
-    return _ChunkedInfoNCE.apply(queries, keys, scale, offset, chunk)
+        logits = scale * queries @ keys.T
+        if query_ids is None:
+            targets = torch.arange(queries.shape[0], device=queries.device) + offset
+        else:
+            targets = _soft_targets(_Positives(offset, query_ids, key_ids), logits)
+        return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+    return _ChunkedInfoNCE.apply(queries, keys, scale, offset, chunk, smoothing, query_ids, key_ids)
 
 
 def _no_autocast(device: torch.device):
@@ -187,11 +365,20 @@ def _upcast(image_features: Tensor, text_features: Tensor, logit_scale: Tensor |
     return image_features.to(dtype), text_features.to(dtype), scale.to(dtype).reshape(())
 
 
+def _check_smoothing(label_smoothing: float) -> float:
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
 def contrastive_loss(
     image_features: Tensor,
     text_features: Tensor,
     logit_scale: Tensor | float,
     chunk_size: ChunkSize = None,
+    *,
+    label_smoothing: float = 0.0,
+    caption_ids: Tensor | None = None,
 ) -> Tensor:
     """CLIP's symmetric InfoNCE loss for one process.
 
@@ -200,54 +387,303 @@ def contrastive_loss(
     Returns (CE(s X Yᵀ, arange(B)) + CE(s Y Xᵀ, arange(B))) / 2 as a scalar, computed in float32 whatever the
     input dtype and even under autocast (float64 input stays float64). ``chunk_size`` (int or ``"auto"``)
     gives the same value and gradients in O(chunk_size × B) extra memory; None builds the B×B logits.
+    ``label_smoothing``: as ``F.cross_entropy(label_smoothing=...)``. ``caption_ids`` [B]: pairs with equal ids
+    are positives of each other; each row's target is uniform over its positives, in both directions (with
+    all ids distinct this is the plain loss, bit for bit).
     """
     image, text, scale = _upcast(image_features, text_features, logit_scale)
+    smoothing = _check_smoothing(label_smoothing)
+    ids = _unless_unique(_checked_ids(caption_ids, image.shape[0]))
     chunk = _resolve_chunk(chunk_size, image.shape[0])
     with _no_autocast(image.device):
         if chunk is None:
             logits_per_image = scale * image @ text.T
-            labels = torch.arange(image.shape[0], device=image.device)
+            if ids is None:
+                targets = torch.arange(image.shape[0], device=image.device)
+            else:  # the positive mask is symmetric, so one matrix serves both directions
+                targets = _soft_targets(_Positives(0, ids, ids), logits_per_image)
             return (
-                F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)
+                F.cross_entropy(logits_per_image, targets, label_smoothing=smoothing)
+                + F.cross_entropy(logits_per_image.T, targets, label_smoothing=smoothing)
             ) / 2
-        return _ChunkedSymmetricInfoNCE.apply(image, text, scale, chunk)
+        return _ChunkedSymmetricInfoNCE.apply(image, text, scale, chunk, smoothing, ids)
+
+
+def _gathered_ids(caption_ids: Tensor | None, batch: int) -> Tensor | None:
+    """Every rank's caption ids in rank order (None when absent or all distinct: the same answer on every rank)."""
+    ids = _checked_ids(caption_ids, batch)
+    if ids is None:
+        return None
+    return _unless_unique(all_gather_with_grad(ids, what="caption_ids ([b])"))
 
 
 class ContrastiveLoss(nn.Module):
     """CLIP's symmetric InfoNCE loss, gathered across ranks when a process group is initialised.
 
-    forward(image_features [b, D], text_features [b, D], logit_scale scalar) -> scalar, float32 whatever the
-    input dtype (bf16/fp16 are cast up; float64 stays float64).
+    forward(image_features [b, D], text_features [b, D], logit_scale scalar, caption_ids [b] = None) -> scalar,
+    float32 whatever the input dtype (bf16/fp16 are cast up; float64 stays float64).
 
     With a process group of W ranks and ``gather=True``, each rank's local rows are scored against the
     features of all W·b pairs (gathered with gradients) and the loss is the mean over its local rows. The
     per-rank values average to the loss of the whole global batch, and under DistributedDataParallel (which
     averages gradients) every parameter gets exactly the single-process gradient of the global batch.
     ``gather=False`` (or no process group) scores each rank's batch on its own. Local batch sizes must be
-    equal across ranks. ``chunk_size``: see :func:`contrastive_loss`.
+    equal across ranks. ``chunk_size``, ``label_smoothing``: see :func:`contrastive_loss`. ``multi_positive``:
+    pairs with equal ``caption_ids`` (gathered too) are positives of each other; forward then needs the ids.
     """
 
-    def __init__(self, chunk_size: ChunkSize = None, gather: bool = True) -> None:
+    multi_positive: bool
+
+    def __init__(
+        self,
+        chunk_size: ChunkSize = None,
+        gather: bool = True,
+        label_smoothing: float = 0.0,
+        multi_positive: bool = False,
+    ) -> None:
         super().__init__()
         _resolve_chunk(chunk_size, 1)  # validate early
         self.chunk_size = chunk_size
         self.gather = gather
+        self.label_smoothing = _check_smoothing(label_smoothing)
+        self.multi_positive = multi_positive
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | None = None,
+        caption_ids: Tensor | None = None,
+    ) -> Tensor:
+        if logit_bias is not None:
+            raise ValueError(
+                "the softmax contrastive loss has no logit bias (softmax is unchanged by one); use SigmoidLoss, or "
+                "a model without init_logit_bias"
+            )
+        ids = _required_ids(self.multi_positive, caption_ids)
         if not (self.gather and is_distributed()):
-            return contrastive_loss(image_features, text_features, logit_scale, self.chunk_size)
+            return contrastive_loss(image_features, text_features, logit_scale, self.chunk_size,
+                                    label_smoothing=self.label_smoothing, caption_ids=ids)  # fmt: skip
         image, text, scale = _upcast(image_features, text_features, logit_scale)
         # One collective for both towers: gather [b, 2D], then split.
         gathered = all_gather_with_grad(
             torch.cat([image, text], dim=1), what="[image_features | text_features] ([b, 2 * D])"
         )
         all_image, all_text = gathered.split(image.shape[1], dim=1)
-        offset = dist.get_rank() * image.shape[0]
+        batch = image.shape[0]
+        offset = dist.get_rank() * batch
+        all_ids = _gathered_ids(ids, batch)
+        local_ids = all_ids[offset : offset + batch] if all_ids is not None else None
         chunk = _resolve_chunk(self.chunk_size, gathered.shape[0])
         with _no_autocast(image.device):
-            image_to_text = _one_direction(image, all_text, scale, offset, chunk)
-            text_to_image = _one_direction(text, all_image, scale, offset, chunk)
+            options = (self.label_smoothing, local_ids, all_ids)
+            image_to_text = _one_direction(image, all_text, scale, offset, chunk, *options)
+            text_to_image = _one_direction(text, all_image, scale, offset, chunk, *options)
             return (image_to_text + text_to_image) / 2
 
     def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size!r}, gather={self.gather}"
+        return (
+            f"chunk_size={self.chunk_size!r}, gather={self.gather}, label_smoothing={self.label_smoothing}, "
+            f"multi_positive={self.multi_positive}"
+        )
+
+
+def _required_ids(multi_positive: bool, caption_ids: Tensor | None) -> Tensor | None:
+    if not multi_positive:
+        return None
+    if caption_ids is None:
+        raise ValueError("multi_positive needs caption_ids (one per pair, e.g. caption_ids(tokens))")
+    return caption_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sigmoid (SigLIP)
+
+
+def _signed_logits(
+    queries: Tensor, keys: Tensor, scale: Tensor, bias: Tensor, positives: _Positives, start: int
+):
+    """z ⊙ (s Q Kᵀ + b) for a block of query rows: z = +1 on the positives, -1 elsewhere."""
+    block = (scale * queries) @ keys.T
+    block.add_(bias).neg_()
+    _negate_positives(block, positives, start)
+    return block
+
+
+def _negate_positives(block: Tensor, positives: _Positives, start: int) -> None:
+    if positives.diagonal:
+        index = positives.diagonal_index(block, start)
+        block[index] = -block[index]
+    else:
+        block.mul_(positives.mask(start, start + block.shape[0]).to(block.dtype).mul_(-2).add_(1))
+
+
+class _ChunkedSigmoid(torch.autograd.Function):
+    """-(1/n) Σ_i Σ_j log σ(z_ij (s q_i·k_j + b)) for queries Q [n, D], keys K [N, D], scale s, bias b.
+
+    z_ij = +1 for the positives (key ``offset + i``, or the keys sharing the query's id), -1 otherwise. The
+    gradient with respect to each logit is σ(l_ij) - [positive], computed as -z σ(-z l) (no cancellation).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        queries: Tensor,
+        keys: Tensor,
+        scale: Tensor,
+        bias: Tensor,
+        offset: int,
+        chunk: int,
+        query_ids: Tensor | None = None,
+        key_ids: Tensor | None = None,
+    ) -> Tensor:
+        n = queries.shape[0]
+        positives = _Positives(offset, query_ids, key_ids)
+        total = torch.zeros((), dtype=torch.float64, device=queries.device)
+        for start in range(0, n, chunk):
+            block = _signed_logits(queries[start : start + chunk], keys, scale, bias, positives, start)
+            total += F.logsigmoid(block).sum()
+        ctx.save_for_backward(queries, keys, scale, bias)
+        ctx.positives, ctx.chunk = positives, chunk
+        return (-total / n).to(queries.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        queries, keys, scale, bias = ctx.saved_tensors
+        need_queries, need_keys, need_scale, need_bias = ctx.needs_input_grad[:4]
+        n, chunk, positives = queries.shape[0], ctx.chunk, ctx.positives
+        weight = grad_loss / n
+        grad_queries = torch.empty_like(queries) if need_queries else None
+        grad_keys = torch.zeros_like(keys) if need_keys else None
+        grad_scale = torch.zeros((), dtype=torch.float64, device=scale.device)
+        grad_bias = torch.zeros((), dtype=torch.float64, device=bias.device)
+        for start in range(0, n, chunk):
+            q = queries[start : start + chunk]
+            block = _signed_logits(q, keys, scale, bias, positives, start)
+            block.neg_().sigmoid_()  # σ(-z l)
+            _negate_positives(block, positives, start)  # -z σ(-z l) = dloss/dlogit
+            block.mul_(weight)
+            if need_bias:
+                grad_bias += block.sum()
+            if grad_keys is not None:
+                grad_keys.addmm_(block.T, q)
+            if need_queries or need_scale:
+                g_keys = block @ keys
+                if grad_queries is not None:
+                    grad_queries[start : start + chunk] = g_keys * scale
+                grad_scale += (q.double() * g_keys.double()).sum()
+        if grad_keys is not None:
+            grad_keys.mul_(scale)
+        return (
+            grad_queries,
+            grad_keys,
+            grad_scale.to(scale.dtype) if need_scale else None,
+            grad_bias.to(bias.dtype) if need_bias else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _sigmoid(
+    queries: Tensor,
+    keys: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    offset: int,
+    chunk: int | None,
+    query_ids: Tensor | None = None,
+    key_ids: Tensor | None = None,
+) -> Tensor:
+    if chunk is None:
+        logits = scale * queries @ keys.T + bias
+        positive = _Positives(offset, query_ids, key_ids).dense(*logits.shape, logits.device)
+        signs = positive.to(logits.dtype) * 2 - 1
+        return -F.logsigmoid(signs * logits).sum() / queries.shape[0]
+    return _ChunkedSigmoid.apply(queries, keys, scale, bias, offset, chunk, query_ids, key_ids)
+
+
+def _upcast_bias(logit_bias: Tensor | float | None, like: Tensor) -> Tensor:
+    bias = torch.as_tensor(0.0 if logit_bias is None else logit_bias, device=like.device)
+    if bias.numel() != 1:
+        raise ValueError(f"logit_bias must be a scalar, got shape {list(bias.shape)}")
+    return bias.to(like.dtype).reshape(())
+
+
+def sigmoid_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    logit_bias: Tensor | float | None = None,
+    chunk_size: ChunkSize = None,
+    *,
+    caption_ids: Tensor | None = None,
+) -> Tensor:
+    """SigLIP's sigmoid loss (Zhai et al. 2023) for one process.
+
+    image_features, text_features: [B, D], L2-normalised, row i of each is a positive pair. logit_scale t:
+    scalar, already exponentiated; logit_bias b: scalar (None: 0). Returns
+    -(1/B) Σ_i Σ_j log σ(z_ij (t ⟨x_i, y_j⟩ + b)) with z = +1 for positives and -1 otherwise, in float32 (float64
+    stays float64). ``caption_ids`` [B]: every pair of equal ids is a positive. ``chunk_size``: as in
+    :func:`contrastive_loss` (same value and gradients, bounded memory).
+    """
+    image, text, scale = _upcast(image_features, text_features, logit_scale)
+    bias = _upcast_bias(logit_bias, image)
+    ids = _unless_unique(_checked_ids(caption_ids, image.shape[0]))
+    chunk = _resolve_chunk(chunk_size, image.shape[0])
+    with _no_autocast(image.device):
+        return _sigmoid(image, text, scale, bias, 0, chunk, ids, ids)
+
+
+class SigmoidLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss, gathered across ranks when a process group is initialised.
+
+    forward(image_features [b, D], text_features [b, D], logit_scale scalar, logit_bias scalar | None,
+    caption_ids [b] = None) -> scalar (float32; float64 stays float64). See :func:`sigmoid_loss`.
+
+    With W ranks and ``gather=True``, each rank scores its b images against the text features of all W·b pairs
+    (gathered with gradients) and divides by b: the per-rank values average to the global-batch loss, and under
+    DistributedDataParallel every parameter gets the single-process gradient of the global batch (every
+    (image, text) pair is scored on exactly one rank). ``multi_positive``: pairs with equal ``caption_ids``
+    (gathered too) are positives.
+    """
+
+    multi_positive: bool
+
+    def __init__(
+        self, chunk_size: ChunkSize = None, gather: bool = True, multi_positive: bool = False
+    ) -> None:
+        super().__init__()
+        _resolve_chunk(chunk_size, 1)  # validate early
+        self.chunk_size = chunk_size
+        self.gather = gather
+        self.multi_positive = multi_positive
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | float | None = None,
+        caption_ids: Tensor | None = None,
+    ) -> Tensor:
+        ids = _required_ids(self.multi_positive, caption_ids)
+        if not (self.gather and is_distributed()):
+            return sigmoid_loss(image_features, text_features, logit_scale, logit_bias, self.chunk_size,
+                                caption_ids=ids)  # fmt: skip
+        image, text, scale = _upcast(image_features, text_features, logit_scale)
+        bias = _upcast_bias(logit_bias, image)
+        all_text = all_gather_with_grad(text, what="text_features ([b, D])")
+        batch = image.shape[0]
+        offset = dist.get_rank() * batch
+        all_ids = _gathered_ids(ids, batch)
+        local_ids = all_ids[offset : offset + batch] if all_ids is not None else None
+        chunk = _resolve_chunk(self.chunk_size, all_text.shape[0])
+        with _no_autocast(image.device):
+            return _sigmoid(image, all_text, scale, bias, offset, chunk, local_ids, all_ids)
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size!r}, gather={self.gather}, multi_positive={self.multi_positive}"

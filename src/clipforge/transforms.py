@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from clipforge.config import CLIP_MEAN, CLIP_STD, ModelConfig, PreprocessConfig, get_model_config
 from clipforge.images import to_rgb
@@ -144,6 +144,22 @@ def random_resized_crop_box(
     return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
 
 
+_JITTER_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def color_jitter(
+    img: Image.Image, strengths: tuple[float, float, float], generator: torch.Generator | None = None
+) -> Image.Image:
+    """Brightness, then contrast, then saturation, each by a factor uniform in [max(0, 1 - s), 1 + s] (skipped
+    where s = 0): the PIL operations torchvision's ``ColorJitter`` uses, in a fixed order and without hue."""
+    for enhancer, strength in zip(_JITTER_ENHANCERS, strengths):
+        if strength > 0:
+            low, high = max(0.0, 1.0 - strength), 1.0 + strength
+            factor = torch.empty(1).uniform_(low, high, generator=generator).item()
+            img = enhancer(img).enhance(factor)
+    return img
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Transforms
 
@@ -194,9 +210,16 @@ class EvalTransform(_Transform):
     CLIP's preprocessing), or ``'squash'``: resize straight to S x S, ignoring the aspect ratio.
     """
 
-    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``generator`` is accepted and unused (nothing is random), so the data pipeline can call either
-        transform the same way (a locked, cached image tower trains on this one)."""
+    def __call__(
+        self,
+        img: Image.Image,
+        generator: torch.Generator | None = None,
+        *,
+        allow_flip: bool = True,
+        allow_color_jitter: bool = True,
+    ) -> torch.Tensor:
+        """``generator`` and the augmentation permissions are accepted and unused (nothing is random), so the
+        data pipeline can call either transform the same way (a locked, cached image tower trains on this one)."""
         img = self._prepare(img)
         size, interpolation = self.image_size, self.preprocess.interpolation
         if self.preprocess.resize_mode == "squash":
@@ -222,6 +245,11 @@ class TrainTransform(_Transform):
     For the same torch RNG state the output equals open_clip's training transform (``RandomResizedCrop``) on RGB
     images. The resize uses ``preprocess.interpolation`` (open_clip always uses bicubic here; the default is
     bicubic, so they differ only for a ``'bilinear'`` config).
+
+    Optional, off by default: a horizontal flip with probability ``preprocess.train_hflip`` and
+    :func:`color_jitter` with ``preprocess.train_color_jitter``, after the crop. The caller says per image
+    whether the caption allows them (``allow_flip``, ``allow_color_jitter``; see
+    :class:`clipforge.data.stream.SampleDecoder`); a disallowed step draws nothing.
     """
 
     def __init__(
@@ -233,33 +261,62 @@ class TrainTransform(_Transform):
             raise ValueError(f"preprocess.train_crop_scale must satisfy 0 < low <= high, got {(low, high)}")
         self.scale = (float(low), float(high))
         self.ratio = TRAIN_ASPECT_RATIO
+        if not 0.0 <= preprocess.train_hflip <= 1.0:
+            raise ValueError(
+                f"preprocess.train_hflip must be a probability in [0, 1], got {preprocess.train_hflip}"
+            )
+        if len(preprocess.train_color_jitter) != 3 or min(preprocess.train_color_jitter) < 0:
+            raise ValueError(
+                "preprocess.train_color_jitter must be three strengths >= 0 (brightness, contrast, saturation), "
+                f"got {preprocess.train_color_jitter}"
+            )
+        self.hflip = float(preprocess.train_hflip)
+        self.color_jitter = tuple(float(s) for s in preprocess.train_color_jitter)
         self.generator = generator
         self._owner_pid = os.getpid()
 
-    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        img: Image.Image,
+        generator: torch.Generator | None = None,
+        *,
+        allow_flip: bool = True,
+        allow_color_jitter: bool = True,
+    ) -> torch.Tensor:
         """``generator`` (per call) overrides the transform's own: the data pipeline seeds one per sample
-        position, so crops do not depend on which worker decodes a sample."""
+        position, so crops do not depend on which worker decodes a sample. ``allow_flip`` /
+        ``allow_color_jitter`` False skip those steps for this image (its caption names a side or a colour)."""
+        flip, jitter = allow_flip and self.hflip > 0, allow_color_jitter and any(self.color_jitter)
         if generator is not None:
-            return self._apply(img, generator)
+            return self._apply(img, generator, flip, jitter)
         if self.generator is not None and os.getpid() != self._owner_pid:
             raise RuntimeError(
                 "TrainTransform holds a torch.Generator but is running in another process (e.g. a DataLoader "
                 "worker), where every copy would repeat the same crops; build it with generator=None so each "
                 "worker uses its own torch seed"
             )
-        return self._apply(img, self.generator)
+        return self._apply(img, self.generator, flip, jitter)
 
-    def _apply(self, img: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
+    def _apply(
+        self, img: Image.Image, generator: torch.Generator | None, flip: bool = False, jitter: bool = False
+    ) -> torch.Tensor:
         img = self._prepare(img)
         left, top, width, height = random_resized_crop_box(*img.size, self.scale, self.ratio, generator)
         size = self.image_size
         img = resize(_crop(img, left, top, width, height), (size, size), self.preprocess.interpolation)
+        if flip and torch.rand(1, generator=generator).item() < self.hflip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if jitter:
+            img = color_jitter(img, self.color_jitter, generator)
         return self._to_tensor(img)
 
     def _repr_fields(self) -> dict[str, Any]:
         ratio = tuple(round(r, 4) for r in self.ratio)
         rng = "torch global RNG" if self.generator is None else "explicit generator"
-        return {**super()._repr_fields(), "scale": self.scale, "ratio": ratio, "rng": rng}
+        augment = {"hflip": self.hflip} if self.hflip else {}
+        if any(self.color_jitter):
+            augment["color_jitter"] = self.color_jitter
+        return {**super()._repr_fields(), "scale": self.scale, "ratio": ratio, **augment, "rng": rng}
 
 
 def _resolve_config(model_or_config: Any) -> ModelConfig:

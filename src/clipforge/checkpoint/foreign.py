@@ -152,6 +152,7 @@ def config_from_open_clip(
             "context_length",
             "vocab_size",
             "heads",
+            "patch_dropout",
         }
     )
     if unsupported:
@@ -171,6 +172,7 @@ def config_from_open_clip(
             "patch_size": None if resnet else vc.get("patch_size", 16),
             "head_width": vc.get("head_width", 64),
             "mlp_ratio": vc.get("mlp_ratio", 4.0),
+            "patch_dropout": vc.get("patch_dropout", 0.0),
         },
         "text": {
             k: tc[k]
@@ -179,6 +181,8 @@ def config_from_open_clip(
         },
         "preprocess": {k: preprocess_cfg[k] for k in ("mean", "std") if k in preprocess_cfg},
     }
+    if model_cfg.get("init_logit_bias") is not None:
+        data["init_logit_bias"] = model_cfg["init_logit_bias"]
     return config_from_dict(data, where=where)
 
 
@@ -212,6 +216,8 @@ def _architecture_mismatch(ours: ModelConfig, inferred: ModelConfig) -> str | No
     for side in ("vision", "text"):
         a, b = getattr(ours, side), getattr(inferred, side)
         for field in a.__dataclass_fields__:
+            if field == "patch_dropout":  # a training setting, not part of the architecture
+                continue
             if getattr(a, field) != getattr(b, field):
                 return f"{side}.{field}"
     return None
@@ -238,12 +244,16 @@ def open_clip_config(config: ModelConfig) -> dict[str, Any]:
     vision: dict[str, Any] = {"image_size": v.image_size, "layers": v.layers, "width": v.width}
     if v.arch == "vit":
         vision.update(patch_size=v.patch_size, head_width=v.head_width, mlp_ratio=v.mlp_ratio)
+        if v.patch_dropout:
+            vision["patch_dropout"] = v.patch_dropout
     else:
         vision.update(patch_size=None, head_width=v.head_width)
+    extra = {} if config.init_logit_bias is None else {"init_logit_bias": config.init_logit_bias}
     return {
         "model_cfg": {
             "embed_dim": config.embed_dim,
             "quick_gelu": config.activation == "quick_gelu",
+            **extra,
             "vision_cfg": vision,
             "text_cfg": {
                 "context_length": t.context_length,

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from clipforge.data.captions import augment_tags, mentions_colour, mentions_side
 from clipforge.data.raw import DataError, RawSample, UnitError
 from clipforge.data.skipguard import SkipGuard, SkipPolicy, StreamFailure
 from clipforge.data.sources import Source
@@ -158,12 +159,22 @@ def shuffled(
 
 @dataclass(frozen=True)
 class SampleDecoder:
-    """Raw sample -> (image tensor, caption) or a skip reason. ``transform`` takes (PIL image, generator)."""
+    """Raw sample -> (image tensor, caption) or a skip reason. ``transform`` takes (PIL image, generator).
+
+    Per sample, with the sample's generator: pick the caption (``caption``), then augment a comma-separated tag
+    list (``tag_dropout``, ``tag_shuffle``: :func:`clipforge.data.captions.augment_tags`), then transform the
+    image. With ``caption_guard`` the transform is also told whether that final caption allows a flip (it names
+    no side) and colour jitter (it names no colour): ``transform(image, generator, allow_flip=...,
+    allow_color_jitter=...)``, as :class:`clipforge.transforms.TrainTransform` accepts.
+    """
 
     transform: Callable[..., torch.Tensor]
     caption: str = "first"
     max_pixels: int | None = 89_478_485
     fill_color: tuple[int, int, int] = (255, 255, 255)
+    caption_guard: bool = False
+    tag_dropout: float = 0.0
+    tag_shuffle: bool = False
 
     def __call__(self, raw: RawSample, generator: torch.Generator) -> tuple[torch.Tensor, str] | str:
         if raw.error is not None:
@@ -184,7 +195,12 @@ class SampleDecoder:
             caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
         else:
             caption = captions[0]
-        return self.transform(image, generator), caption
+        if self.tag_dropout or self.tag_shuffle:
+            caption = augment_tags(caption, generator, self.tag_dropout, self.tag_shuffle)
+        if not self.caption_guard:
+            return self.transform(image, generator), caption
+        allow = {"allow_flip": not mentions_side(caption), "allow_color_jitter": not mentions_colour(caption)}
+        return self.transform(image, generator, **allow), caption
 
 
 class TrainStream(IterableDataset):

@@ -36,6 +36,9 @@ class CLIP(nn.Module):
     A tower named in the config (``vision.tower`` / ``text.tower``) is a pretrained
     :class:`~clipforge.model.towers.PretrainedTower` with its package's weights; :meth:`lock` freezes a tower
     for LiT training.
+
+    ``logit_bias`` (a scalar, SigLIP's b) exists only when ``config.init_logit_bias`` is set, else it is None;
+    :class:`clipforge.losses.SigmoidLoss` takes it beside the forward output.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -54,6 +57,9 @@ class CLIP(nn.Module):
             self.text = TextTransformer(config.text, config.embed_dim, config.activation)
         self.logit_scale = nn.Parameter(torch.tensor(config.init_logit_scale))
         self.locked_modules: list[nn.Module] = []  # kept in eval mode by train(); see lock()
+        # SigLIP's learned bias, only when the config asks for one: CLIP checkpoints keep their exact key set.
+        bias = config.init_logit_bias
+        self.register_parameter("logit_bias", None if bias is None else nn.Parameter(torch.tensor(bias)))
 
     @property
     def image_size(self) -> int:

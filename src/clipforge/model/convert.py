@@ -72,6 +72,7 @@ _OPENAI_TEXT_RULES = [
     _Rule("text.transformer.blocks.{i}.attn.qkv.bias", "transformer.resblocks.{i}.attn.in_proj_bias"),
     *_block_rules("text.transformer.blocks", "transformer.resblocks", _OPENAI_BLOCK),
     _Rule("logit_scale", "logit_scale"),
+    _Rule("logit_bias", "logit_bias"),  # open_clip models built with init_logit_bias (SigLIP-style loss)
 ]
 
 _OPENAI_VIT_RULES = [
@@ -333,8 +334,14 @@ def infer_openai_config(
             f"not a CLIP checkpoint in the {layout} layout: no 'visual.proj' (ViT) or "
             "'visual.attnpool.positional_embedding' (ResNet)"
         )
+    bias = state_dict.get("logit_bias")
     return ModelConfig(
-        name=name, embed_dim=text_proj.shape[1], vision=vision, text=text, activation=activation
+        name=name,
+        embed_dim=text_proj.shape[1],
+        vision=vision,
+        text=text,
+        activation=activation,
+        init_logit_bias=None if bias is None else float(bias),
     )
 
 

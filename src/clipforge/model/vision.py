@@ -18,6 +18,7 @@ class VisionTransformer(nn.Module):
         width = config.width
         self.patch_size = config.patch_size
         self.grid_size = config.image_size // config.patch_size
+        self.patch_dropout = config.patch_dropout
         self.patch_embed = nn.Conv2d(
             3, width, kernel_size=self.patch_size, stride=self.patch_size, bias=False
         )
@@ -66,6 +67,8 @@ class VisionTransformer(nn.Module):
             )
         class_token = self.class_token.to(x.dtype).expand(batch, 1, width)
         x = torch.cat([class_token, x], dim=1) + self.pos_embed.to(x.dtype)
+        if self.training and self.patch_dropout:
+            x = drop_patches(x, self.patch_dropout)
         x = self.norm_pre(x)
         if inference_only(self):  # the last block runs its MLP on the class token only
             pooled = self.transformer(x, rows=torch.zeros(batch, dtype=torch.long, device=x.device))
@@ -81,3 +84,22 @@ class VisionTransformer(nn.Module):
         new_grid = image_size // self.patch_size
         self.pos_embed = nn.Parameter(resample_grid_pos_embed(self.pos_embed.data, new_grid))
         self.grid_size = new_grid
+
+
+def kept_patches(num_patches: int, drop: float) -> int:
+    """Patch tokens :func:`drop_patches` keeps of ``num_patches``: round((1 - drop) * N), at least one."""
+    return max(1, round((1.0 - drop) * num_patches))
+
+
+def drop_patches(tokens: torch.Tensor, drop: float) -> torch.Tensor:
+    """FLIP's patch dropout: [B, 1 + N, W] (class token first) -> [B, 1 + K, W], K = :func:`kept_patches`.
+
+    Each image keeps its own uniformly random K patches (in grid order) and its class token. The draw uses
+    torch's global RNG on the tokens' device, so seeding and the trainer's RNG checkpoints reproduce it.
+    """
+    batch, length, width = tokens.shape
+    keep = kept_patches(length - 1, drop)
+    scores = torch.rand(batch, length - 1, device=tokens.device)
+    index = scores.topk(keep, dim=1).indices.sort(dim=1).values + 1  # +1: skip the class token
+    patches = tokens.gather(1, index.unsqueeze(-1).expand(batch, keep, width))
+    return torch.cat([tokens[:, :1], patches], dim=1)

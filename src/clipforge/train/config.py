@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from clipforge.config import ConfigError, apply_overrides, dataclass_from_dict, read_mapping_file
+from clipforge.config import ConfigError, ModelConfig, apply_overrides, dataclass_from_dict, read_mapping_file
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class DataConfig:
     max_skip_fraction: float = 0.5
     skip_window: int = 1000
     loader_timeout_s: float = 300.0  # a data-loader worker silent this long stops the run (0: wait forever)
+    # Tag-list captions ("cat, animal, pet"): drop each item after the first with this probability, and/or
+    # shuffle the kept ones after the first (clipforge.data.captions.augment_tags). Other captions are unchanged.
+    tag_dropout: float = 0.0
+    tag_shuffle: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,21 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr: float = 0.0  # the cosine schedule's floor
     grad_clip: float | None = 1.0  # max global gradient norm; null disables clipping
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The contrastive objective's loss; recipes for small data, see docs/recipes.md."""
+
+    # softmax: CLIP's symmetric InfoNCE. sigmoid: SigLIP's pairwise loss, with a learned bias; it starts the
+    # model at scale 10 and bias -10 unless model_overrides (or the model config) set init_logit_scale/_bias.
+    kind: Literal["softmax", "sigmoid"] = "softmax"
+    label_smoothing: float = 0.0  # softmax only: as F.cross_entropy(label_smoothing=...) on the logits
+    # Pairs with identical captions (token rows) in the global batch are positives of each other, not negatives:
+    # sigmoid labels +1 for every same-caption pair; softmax targets spread uniformly over a row's positives
+    # (with identical captions' identical embeddings that is exactly the standard loss: see docs/recipes.md).
+    multi_positive: bool = False
+    learn_temperature: bool = True  # false: the logit scale (and bias) stay at their init values, untrained
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,7 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches per step; the contrastive batch stays whole (features cached)
     grad_checkpointing: bool = False
     loss_chunk_size: int = 0  # >0: memory-bounded exact loss over row chunks of this size
+    loss: LossConfig = field(default_factory=LossConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch intra-op threads (0: torch's default)
 
@@ -161,6 +182,7 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
     for key, ok in checks.items():
         if not ok:
             raise ConfigError(f"{key}: invalid value; see `clipforge train --help` for its meaning")
+    _validate_recipes(config)
     if config.steps == 0 and config.epochs == 0:
         raise ConfigError("set the run length: steps (optimizer steps) or epochs (passes over the data)")
     if config.steps and config.epochs:
@@ -171,6 +193,40 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
                 f"lock.{tower}_unlocked_layers: unlocks layers of a locked tower; set lock.{tower}=true"
             )
     return config
+
+
+def _validate_recipes(config: TrainConfig) -> None:
+    loss, d = config.loss, config.data
+    if config.objective != "contrastive" and loss != LossConfig():
+        raise ConfigError(
+            f"loss: only the contrastive objective has these options, not objective '{config.objective}'; "
+            "remove the loss.* settings"
+        )
+    if not 0.0 <= loss.label_smoothing < 1.0:
+        raise ConfigError(f"loss.label_smoothing: must be in [0, 1) (e.g. 0.1), got {loss.label_smoothing}")
+    if loss.label_smoothing and loss.kind != "softmax":
+        raise ConfigError(
+            "loss.label_smoothing: applies to the softmax loss only; set it to 0 with loss.kind=sigmoid"
+        )
+    if not 0.0 <= d.tag_dropout < 1.0:
+        raise ConfigError(f"data.tag_dropout: a probability in [0, 1) (e.g. 0.3), got {d.tag_dropout}")
+
+
+# SigLIP's initialisation (Zhai et al. 2023): t' = log 10, b = -10.
+SIGMOID_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
+
+
+def loss_model_defaults(config: TrainConfig, model_config: ModelConfig) -> dict[str, float]:
+    """Model-config values the chosen loss starts from unless the user set them: for the sigmoid loss, SigLIP's
+    scale and bias where the model config keeps CLIP's defaults (apply ``model_overrides`` after these)."""
+    if config.objective != "contrastive" or config.loss.kind != "sigmoid":
+        return {}
+    defaults = {}
+    if model_config.init_logit_scale == ModelConfig.init_logit_scale:
+        defaults["init_logit_scale"] = SIGMOID_INIT["init_logit_scale"]
+    if model_config.init_logit_bias is None:
+        defaults["init_logit_bias"] = SIGMOID_INIT["init_logit_bias"]
+    return defaults
 
 
 def train_config_from_dict(data: dict[str, Any], where: str = "train config") -> TrainConfig:
@@ -219,6 +275,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "LockConfig",
+    "LossConfig",
     "OptimConfig",
     "RunConfig",
     "TrainConfig",

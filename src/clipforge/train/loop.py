@@ -34,11 +34,11 @@ from clipforge.model import CLIP
 from clipforge.objectives import get_objective, save_model
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import checkpoint as ckpt
-from clipforge.train.config import TrainConfig, train_config_from_dict
+from clipforge.train.config import TrainConfig, loss_model_defaults, train_config_from_dict
 from clipforge.train.lock import apply_locks
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.report import MetricsWriter, write_loss_plot
-from clipforge.train.step import apply_update, unwrap
+from clipforge.train.step import apply_update, freeze_temperature, unwrap
 from clipforge.transforms import get_transforms
 
 log = logging.getLogger("clipforge.train")
@@ -132,7 +132,12 @@ class _Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device, env)
-        options = {"chunk_size": config.loss_chunk_size or None} if config.objective == "contrastive" else {}
+        loss = config.loss
+        options = (
+            {"chunk_size": config.loss_chunk_size or None, "loss": loss.kind,
+             "label_smoothing": loss.label_smoothing, "multi_positive": loss.multi_positive}
+            if config.objective == "contrastive" else {}
+        )  # fmt: skip
         self.objective = get_objective(config.objective, **options)
         self.run_dir = self._run_dir()
 
@@ -142,8 +147,9 @@ class _Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         objective = self.objective
         model_config = get_model_config(cfg.model)
-        if cfg.model_overrides:
-            model_config = merge(model_config, _nested(cfg.model_overrides))
+        model_overrides = {**loss_model_defaults(cfg, model_config), **_nested(cfg.model_overrides)}
+        if model_overrides:
+            model_config = merge(model_config, model_overrides)
         if cfg.objective != "contrastive" and (model_config.vision.tower or model_config.text.tower):
             raise ConfigError(f"objective '{cfg.objective}' builds its own towers; pretrained towers (vision.tower, "
                               "text.tower) are for the contrastive objective")  # fmt: skip
@@ -152,8 +158,18 @@ class _Trainer:
             if not isinstance(model, CLIP):
                 raise ConfigError(f"init_from: only the contrastive objective can start from a CLIP checkpoint, not "
                                   f"objective '{cfg.objective}'")  # fmt: skip
-            model.load_state_dict(load_checkpoint(cfg.init_from, config=model.config).state_dict())
+            state = load_checkpoint(cfg.init_from, config=model.config).state_dict()
+            if getattr(model, "logit_bias", None) is not None and "logit_bias" not in state:
+                state["logit_bias"] = model.logit_bias.detach().clone()  # a softmax CLIP starts a SigLIP run
+                log.info(
+                    "init_from: %s has no logit_bias; it starts at %g",
+                    cfg.init_from,
+                    float(state["logit_bias"]),
+                )
+            model.load_state_dict(state)
         caches = apply_locks(model, cfg.lock)
+        if not cfg.loss.learn_temperature:
+            freeze_temperature(model)
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         model.to(self.device).train()
 
@@ -184,6 +200,9 @@ class _Trainer:
             caption=cfg.data.caption,
             max_pixels=cfg.data.max_pixels,
             fill_color=model.config.preprocess.fill_color,
+            caption_guard=True,
+            tag_dropout=cfg.data.tag_dropout,
+            tag_shuffle=cfg.data.tag_shuffle,
         )
         stream = TrainStream(
             sources, weights, decoder, tokenizer,
@@ -193,6 +212,8 @@ class _Trainer:
             skip_policy=SkipPolicy(cfg.data.max_skip_fraction, cfg.data.skip_window),
         )  # fmt: skip
         batches = iter(train_loader(stream, cfg.data.num_workers, self.device, cfg.data.loader_timeout_s))
+        if self.state is not None:  # after iter(): the DataLoader draws its base seed from torch's RNG
+            ckpt.set_rng_state(self.state["rng"])
 
         metrics = MetricsWriter(
             self.run_dir, enabled=env.is_main, resume_step=start_step if self.state else None
@@ -384,7 +405,6 @@ class _Trainer:
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
         counts = Counter(state["counts"]) if self.env.is_main else Counter()
         positions = {int(k): int(v) for k, v in data["positions"].items()}
         log.info("resumed from %s at step %d", self.resume_path, state["step"])
