@@ -121,15 +121,18 @@ class ZeroShotSet:
         *,
         transform: Callable[..., torch.Tensor] | None = None,
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        features: torch.Tensor | None = None,
     ) -> dict[str, ZeroShotScore]:
-        """Scores per prompt mode, from one encoding of the images (``transform``/``tokenizer``: the model's)."""
+        """Scores per prompt mode, from one encoding of the images (``transform``/``tokenizer``: the model's;
+        ``features``: this model's :meth:`image_features`, when the caller already has them)."""
         from clipforge.eval.zeroshot import build_classifier
         from clipforge.tokenizer import get_tokenizer
 
         unknown = sorted(set(modes) - set(MODES))
         if unknown:
             raise ValueError(f"unknown prompt modes {unknown}; use {list(MODES)}")
-        features = self.image_features(model, transform=transform)
+        if features is None:
+            features = self.image_features(model, transform=transform)
         tokenizer = tokenizer or get_tokenizer(model)
         scores = {}
         for mode in modes:
@@ -152,7 +155,7 @@ class ZeroShotSet:
 
     def report(self, model: torch.nn.Module, **kwargs: Any) -> dict[str, Any]:
         """Both modes with intervals, the ensemble-minus-single difference (paired), and the chance levels
-        (``kwargs``: :meth:`evaluate`'s ``transform`` and ``tokenizer``)."""
+        (``kwargs``: :meth:`evaluate`'s ``transform``, ``tokenizer`` and ``features``)."""
         scores = self.evaluate(model, **kwargs)
         single, ensemble = scores["single"], scores["ensemble"]
         difference = paired_difference_interval(
