@@ -81,6 +81,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
     data = prepare(progress=settings.progress)
     sets = {name: data.eval_set(name) for name in data.plan["evals"]}
     val = data.eval_set("style_shift_val", section="validation")
+    digits = load_digits(out)
     results: dict[str, Any] = {
         "data": {"seconds": data.seconds, "built": list(data.built), "train_pairs": data.train_counts(),
                  "eval_sets": {n: {"images": len(s), "classes": s.num_classes, "kind": s.kind, "source": s.source}
@@ -88,7 +89,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
         "models": {},
     }  # fmt: skip
     for kind in settings.models:
-        results["models"][kind] = _train_and_evaluate(kind, data, sets, val, settings, out)
+        results["models"][kind] = _train_and_evaluate(kind, data, sets, val, digits, settings, out)
     results["wall_time_s"] = time.perf_counter() - started
     _plot_curves(results["models"], out / "zeroshot_over_training.png")
     (out / "report.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
@@ -97,8 +98,9 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
     return report
 
 
-def _train_and_evaluate(kind, data, sets, val, settings: DemoSettings, out: Path) -> dict[str, Any]:
+def _train_and_evaluate(kind, data, sets, val, digits, settings: DemoSettings, out: Path) -> dict[str, Any]:
     from clipforge.checkpoint import load_checkpoint
+    from clipforge.eval.zeroshot_set import zero_shot_sets_hook
     from clipforge.train import resolve_train_config, train
 
     preset = preset_path(settings.presets.get(kind, MODELS[kind][0]))
@@ -110,15 +112,14 @@ def _train_and_evaluate(kind, data, sets, val, settings: DemoSettings, out: Path
     config = resolve_train_config(preset, overrides)
     overrides["run.eval_every"] = settings.eval_every or config.run.eval_every or max(1, config.steps // 8)
     config = resolve_train_config(preset, overrides)
-    tracked = [val, sets["heldout_concepts"]]
+    zero_shot = zero_shot_sets_hook([val, sets["heldout_concepts"]])
     curve: list[dict[str, float]] = []
 
     def track(context: Any) -> dict[str, float]:
-        record = {"step": context.step, "samples": context.samples_seen}
-        for s in tracked:
-            record[s.name] = s.evaluate(context.model, ("ensemble",))["ensemble"].mean_per_class.value
-        curve.append(record)
-        return {f"zeroshot_{k}": v for k, v in record.items() if k not in ("step", "samples")}
+        record = zero_shot(context)
+        curve.append({"step": context.step, "samples": context.samples_seen,
+                      **{k.removeprefix("zeroshot_"): v for k, v in record.items()}})  # fmt: skip
+        return record
 
     train_started = time.perf_counter()
     summary = train(config, hooks=[track])
@@ -126,7 +127,7 @@ def _train_and_evaluate(kind, data, sets, val, settings: DemoSettings, out: Path
     shutil.copyfile(Path(summary.run_dir) / "loss.png", out / f"loss_{kind}.png")
     model = load_checkpoint(summary.model_path)
     eval_started = time.perf_counter()
-    result = evaluate(model, data, sets, settings, out, kind)
+    result = evaluate(model, data, sets, digits, settings, out, kind)
     result["training"] = {
         "what": MODELS[kind][1], "preset": str(preset), "model": config.model, "steps": summary.steps,
         "batch_size": config.data.batch_size, "samples_seen": summary.samples_seen, "epochs": summary.epochs,
@@ -144,7 +145,9 @@ def _train_and_evaluate(kind, data, sets, val, settings: DemoSettings, out: Path
 # Evaluation of one trained model
 
 
-def evaluate(model, data, sets, settings: DemoSettings, out: Path, kind: str) -> dict[str, Any]:
+def evaluate(
+    model, data, sets, digits: Digits, settings: DemoSettings, out: Path, kind: str
+) -> dict[str, Any]:
     """Every evaluation of one model; each image set is encoded once and shared by the evaluations using it."""
     from clipforge.eval.report import write_confusion_png
 
@@ -160,7 +163,7 @@ def evaluate(model, data, sets, settings: DemoSettings, out: Path, kind: str) ->
              for part in data.plan["train"]}  # fmt: skip
     result["retrieval"] = _retrieval(model, tests)
     result["linear_probe"] = _probes(model, data, tests, settings)
-    result["digits"] = _digits(model, settings, out)
+    result["digits"] = _digits(model, digits, settings)
     _retrieval_montage(model, data, sets, set_features, tests, out / f"retrieval_montage_{kind}.png", kind)
     return result
 
@@ -220,15 +223,20 @@ def _probes(model, data, tests: dict[str, Any], settings: DemoSettings) -> dict[
     return results
 
 
-def _digits(model, settings: DemoSettings, out: Path) -> dict[str, Any]:
-    """scikit-learn's digits (never trained on): raw pixels vs zero-shot CLIP vs a probe on CLIP features."""
+@dataclass(frozen=True)
+class Digits:
+    """scikit-learn's digits (never trained on), opened once, with the raw-pixel baseline (the same for every
+    model)."""
+
+    splits: dict[str, Any]  # "train" / "val" / "test" -> EvalDataset
+    pixel_baseline: float
+    test_images: int
+
+
+def load_digits(out: Path) -> Digits:
     from clipforge.data.builtin import build_digits
     from clipforge.eval.datasets import open_eval_dataset
-    from clipforge.eval.features import encode_images
-    from clipforge.eval.linear_probe import linear_probe
     from clipforge.eval.pixels import pixel_baseline
-    from clipforge.eval.zeroshot import build_classifier, classify_features
-    from clipforge.tokenizer import get_tokenizer
 
     root = out / "digits"
     if not (root / "classes.json").exists():
@@ -239,11 +247,21 @@ def _digits(model, settings: DemoSettings, out: Path) -> dict[str, Any]:
         [i for i, _ in pairs["train"]], [y for _, y in pairs["train"]], [i for i, _ in pairs["test"]],
         [y for _, y in pairs["test"]], val_images=[i for i, _ in pairs["val"]], val_y=[y for _, y in pairs["val"]],
     )  # fmt: skip
+    return Digits(splits, pixels.test_accuracy, len(pairs["test"]))
+
+
+def _digits(model, digits: Digits, settings: DemoSettings) -> dict[str, Any]:
+    """Raw pixels vs zero-shot CLIP vs a probe on CLIP features: the paper's MNIST remark."""
+    from clipforge.eval.features import encode_images
+    from clipforge.eval.linear_probe import linear_probe
+    from clipforge.eval.zeroshot import build_classifier, classify_features
+    from clipforge.tokenizer import get_tokenizer
+
     enc = {
         s: encode_images(model, d, batch_size=settings.eval_batch_size, progress=False)
-        for s, d in splits.items()
+        for s, d in digits.splits.items()
     }
-    names = splits["test"].classnames or [str(i) for i in range(10)]
+    names = digits.splits["test"].classnames or [str(i) for i in range(10)]
     classifier = build_classifier(
         model, get_tokenizer(model), names, ["a handwritten digit {}", "the number {}"]
     )
@@ -251,8 +269,8 @@ def _digits(model, settings: DemoSettings, out: Path) -> dict[str, Any]:
     probe = linear_probe(enc["train"].features, enc["train"].labels, enc["test"].features, enc["test"].labels,
                          val_x=enc["val"].features, val_y=enc["val"].labels, max_iter=settings.probe_max_iter,
                          standardize=True)  # fmt: skip
-    return {"test_images": len(pairs["test"]), "chance": float(np.bincount(enc["test"].labels).max()) / len(enc["test"]),
-            "pixel_baseline": pixels.test_accuracy, "zero_shot_clip": zero_shot.top1,
+    return {"test_images": digits.test_images, "chance": float(np.bincount(enc["test"].labels).max()) / len(enc["test"]),
+            "pixel_baseline": digits.pixel_baseline, "zero_shot_clip": zero_shot.top1,
             "linear_probe_clip": probe.test_accuracy}  # fmt: skip
 
 
