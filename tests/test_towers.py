@@ -448,3 +448,38 @@ def test_init_from_a_lit_checkpoint_and_zero_shot_eval_on_it(tmp_path, capsys):
     assert main(["eval", "zeroshot", "--data", str(EMOJI_TRAIN.parent), "--split", "test", "--model",
                  summary.model_path, "--no-cache", "--workers", "0", "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
     assert "zero-shot on" in capsys.readouterr().out
+
+
+def test_pool_blocks_concatenate_normalised_inner_features():
+    """vision.pool_blocks: the head's pooled features and each named block's, L2-normalised, concatenated; ()
+    keeps the tower's own output exactly."""
+    torch.manual_seed(0)
+    plain = EfficientNetLite().eval()
+    pooled = EfficientNetLite(pool_blocks=(14, 10)).eval()
+    pooled.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        head = plain(images)
+        x = plain.stem(images)
+        inner = {}
+        for index, block in enumerate(plain.blocks):
+            x = block(x)
+            inner[index] = x.mean(dim=(2, 3))
+        expected = torch.cat(
+            [torch.nn.functional.normalize(t, dim=-1) for t in (head, inner[10], inner[14])], -1
+        )
+        got = pooled(images)
+    assert pooled.pool_blocks == (10, 14) and pooled.width == 1280 + 112 + 192 == got.shape[1]
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="pool_blocks"):
+        EfficientNetLite(pool_blocks=(16,))
+
+
+def test_pool_blocks_widen_the_projection_and_belong_to_efficientnet_only():
+    config = merge(get_model_config("lit-effnet-minilm"), {"vision.pool_blocks": [10, 14, 15]})
+    assert config.vision.pool_blocks == (10, 14, 15)
+    model = clipforge.create_model(config)
+    assert model.visual.proj.in_features == 1280 + 112 + 192 + 320
+    assert model.encode_image(torch.zeros(1, 3, 64, 64)).shape == (1, config.embed_dim)
+    with pytest.raises(ConfigError, match=r"vision.pool_blocks .* EfficientNet tower only"):
+        merge(get_model_config("tiny"), {"vision.pool_blocks": [1]})

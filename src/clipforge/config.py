@@ -42,6 +42,9 @@ class VisionConfig:
     # FLIP (Li et al. 2023), ViT only: in training mode keep a random round((1 - p) * N) of the N patch tokens
     # per image (class token always kept); evaluation sees every patch. 0.5 halves the image tokens.
     patch_dropout: float = 0.0
+    # EfficientNet tower only: inner blocks (0..15) whose average-pooled outputs join the head's features, each
+    # part L2-normalised (see clipforge.model.efficientnet); () keeps the tower's own 1280-d output.
+    pool_blocks: tuple[int, ...] = ()
 
     @property
     def heads(self) -> int:
@@ -270,6 +273,11 @@ def validate(config: ModelConfig) -> ModelConfig:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config '{name}': {key} must be positive, got {value}")
+    if v.pool_blocks and v.arch != "efficientnet_lite":
+        raise ConfigError(
+            f"config '{name}': vision.pool_blocks {list(v.pool_blocks)} applies to an EfficientNet tower only "
+            f"(vision.arch is {v.arch!r}); remove it"
+        )
     if v.arch == "efficientnet_lite":
         if v.tower is None:
             raise ConfigError(

@@ -46,7 +46,7 @@ class CLIP(nn.Module):
         self.config = config
         vision = config.vision
         if vision.tower is not None:
-            self.visual: nn.Module = build_tower(vision.tower, config.embed_dim)
+            self.visual: nn.Module = build_tower(vision.tower, config.embed_dim, tuple(vision.pool_blocks))
         elif vision.arch == "vit":
             self.visual = VisionTransformer(vision, config.embed_dim, config.activation)
         else:

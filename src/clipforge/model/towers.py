@@ -245,8 +245,9 @@ class PretrainedTower(nn.Module):
         super().__init__()
         self.spec = spec
         self.encoder = encoder
-        self.proj = nn.Linear(spec.width, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=spec.width**-0.5)
+        width = getattr(encoder, "width", spec.width)  # an EfficientNet pooling inner blocks is wider
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=width**-0.5)
         self.feature_cache: Callable[[torch.Tensor, nn.Module], torch.Tensor] | None = None
 
     @property
@@ -262,7 +263,7 @@ class PretrainedTower(nn.Module):
         return not any(p.requires_grad for p in self.encoder.parameters())
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The encoder's output [B, spec.width], before the projection."""
+        """The encoder's output [B, W], before the projection (W = ``spec.width``, or wider with pool_blocks)."""
         if not self.encoder_locked:
             return self.encoder(inputs)
         with torch.no_grad():
@@ -289,10 +290,14 @@ class PretrainedTower(nn.Module):
             )
 
 
-def build_tower(name: str, embed_dim: int) -> PretrainedTower:
+def build_tower(name: str, embed_dim: int, pool_blocks: tuple[int, ...] = ()) -> PretrainedTower:
     """The named tower with its package's weights loaded (on the current default device, unless meta)."""
     spec = tower_spec(name)
-    encoder: nn.Module = BertEncoder(bert_config(spec)) if spec.modality == "text" else EfficientNetLite()
+    encoder: nn.Module = (
+        BertEncoder(bert_config(spec))
+        if spec.modality == "text"
+        else EfficientNetLite(pool_blocks=pool_blocks)
+    )
     tower = PretrainedTower(spec, encoder, embed_dim)
     if not any(p.is_meta for p in encoder.parameters()):  # `clipforge info` builds on the meta device
         missing, unexpected = encoder.load_state_dict(tower_state_dict(spec), strict=False)
