@@ -90,8 +90,9 @@ def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
 def _cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
-    from clipforge import get_tokenizer, get_transforms
     from clipforge.inference import class_probabilities, find_images, iter_image_batches, text_classifier
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.transforms import get_transforms
 
     labels = read_labels(args.labels, args.labels_file)
     top_k = min(_check_top_k(args.top_k), len(labels))
@@ -165,7 +166,6 @@ def read_texts(items: Sequence[str]) -> list[str]:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from clipforge import get_tokenizer, get_transforms
     from clipforge.inference import (
         check_embeddings_path,
         embed_images,
@@ -173,6 +173,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         find_images,
         write_embeddings,
     )
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.transforms import get_transforms
 
     out = check_embeddings_path(args.out)
     if args.images is not None:
@@ -215,7 +217,6 @@ def default_cache_root() -> Path:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from clipforge import get_tokenizer, get_transforms
     from clipforge.inference import (
         checkpoint_identity,
         default_cache_path,
@@ -225,6 +226,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         search,
         write_montage,
     )
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.transforms import get_transforms
 
     top_k = _check_top_k(args.top_k)
     if not args.query.strip():

@@ -7,8 +7,8 @@ one :class:`UnitError`. Gzip-compressed shards (``.tar.gz``) are read too.
 
 Writing: each shard is written under a temporary name, fsynced and renamed, so a shard either exists complete
 or not at all; members carry fixed metadata (mtime 0, uid 0, mode 644), so the same input gives byte-identical
-shards and sha256s. ``write_shards`` (shards from any source) is defined in :mod:`clipforge.data.sources` and
-importable from here.
+shards and sha256s. ``write_shards`` (shards from any source) lives in :mod:`clipforge.data.sources`, which
+builds on this module.
 """
 
 from __future__ import annotations
@@ -585,12 +585,3 @@ __all__ = [
     "sha256_file",
     "split_member_name",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # write_shards reads any Source, so it lives beside them (sources imports this module); import it lazily.
-    if name == "write_shards":
-        from clipforge.data.sources import write_shards
-
-        return write_shards
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from clipforge.checkpoint.atomic import atomic_path
+from clipforge.version import __version__
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -77,8 +78,6 @@ def write_results(
     anything else for programs (per-class recall, confusion, ...). ``tables``: extra (title, headers, rows)
     for the markdown.
     """
-    from clipforge import __version__
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {

@@ -29,7 +29,7 @@ from clipforge.config import ConfigError, apply_overrides, get_model_config, mer
 from clipforge.data.skipguard import SkipPolicy, StreamFailure
 from clipforge.data.sources import open_source
 from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
-from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard
+from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard, unwrap
 from clipforge.model import CLIP
 from clipforge.objectives import get_objective, save_model
 from clipforge.tokenizer import get_tokenizer
@@ -38,7 +38,7 @@ from clipforge.train.config import TrainConfig, loss_model_defaults, train_confi
 from clipforge.train.lock import apply_locks
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.report import MetricsWriter, write_loss_plot
-from clipforge.train.step import apply_update, freeze_temperature, unwrap
+from clipforge.train.step import apply_update, freeze_temperature
 from clipforge.transforms import get_transforms
 
 log = logging.getLogger("clipforge.train")
