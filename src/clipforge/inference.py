@@ -23,9 +23,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clipforge.checkpoint import CheckpointError, load_checkpoint
-from clipforge.checkpoint.atomic import atomic_path
 from clipforge.config import list_models
 from clipforge.data.raw import IMAGE_EXTENSIONS
+from clipforge.files import atomic_path
 from clipforge.images import ImageLoadError, load_image
 from clipforge.model import CLIP, create_model
 from clipforge.tokenizer import Tokenizer

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from clipforge.checkpoint.atomic import atomic_path
 from clipforge.checkpoint.errors import CheckpointError
 from clipforge.config import ConfigError, ModelConfig, config_from_dict
+from clipforge.files import atomic_path
 from clipforge.version import __version__
 
 FORMAT_NAME = "clipforge"

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from clipforge.checkpoint.atomic import atomic_path
 from clipforge.eval.datasets import EvalDataset
+from clipforge.files import atomic_path
 
 log = logging.getLogger("clipforge.eval")
 

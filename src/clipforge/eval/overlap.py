@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from clipforge.files import atomic_path
 from clipforge.images import to_rgb
 
 #: Eval images whose best training cosine is at least this are counted as embedding near-duplicates.
@@ -567,8 +568,6 @@ def overlap_montage(
         )
         keys = _fit_text(f"{match.eval_key} | {match.train_key}", draw, font, cell_width - 2 * _PAD)
         draw.text((left + _PAD, text_top + 14), keys, fill=(80, 80, 80), font=font)
-
-    from clipforge.checkpoint.atomic import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

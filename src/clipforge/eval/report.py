@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.checkpoint.atomic import atomic_path
+from clipforge.files import atomic_path
 from clipforge.version import __version__
 
 RESULTS_JSON = "results.json"

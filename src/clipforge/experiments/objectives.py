@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from clipforge.eval.zeroshot import ZeroShotTally
+from clipforge.files import atomic_path
 from clipforge.objectives import OBJECTIVES, get_objective
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import HookContext, resolve_train_config, train
@@ -311,10 +312,9 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Objectives at equal images seen ({len(results['config']['seeds'])} seeds, min–max band)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
