@@ -14,21 +14,14 @@ from pathlib import Path
 from typing import Any
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    if name is not None:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load_model(spec: str, device: str | None) -> Any:
     """The model, with the random-weights warning printed loudly on stderr (not as a Python warning line)."""
+    from clipforge.device import resolve_device
     from clipforge.inference import RandomWeightsWarning, load_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
-        model = load_model(spec, device=_device(device))
+        model = load_model(spec, device=resolve_device(device))
     for warning in caught:
         if issubclass(warning.category, RandomWeightsWarning):
             print(f"WARNING: {warning.message}", file=sys.stderr)

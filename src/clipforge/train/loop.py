@@ -6,6 +6,7 @@ One entry point, :func:`train`, used by ``clipforge train`` and by Python caller
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from clipforge.config import ConfigError, apply_overrides, get_model_config, mer
 from clipforge.data.skipguard import SkipPolicy, StreamFailure
 from clipforge.data.sources import open_source
 from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
+from clipforge.device import autocast_context, resolve_device
 from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard, unwrap
 from clipforge.model import CLIP
 from clipforge.objectives import get_objective, save_model
@@ -98,12 +100,14 @@ def train(
         return _Trainer(config, env, resume, overrides or {}, hooks).run()
 
 
-def resolve_device(requested: str, env: DistEnv) -> torch.device:
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
+def _training_device(requested: str, env: DistEnv) -> torch.device:
+    """``device`` ("auto", "cpu", "cuda") resolved; on a GPU, this rank's GPU under torchrun."""
+    device = resolve_device(requested)
+    if device.type == "cpu":
+        return device
     if not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' requested but no GPU is available; use device=auto or cpu")
-    return env.device if env.device.type == "cuda" else torch.device("cuda")
+    return env.device if env.device.type == "cuda" else device
 
 
 class _Trainer:
@@ -131,7 +135,7 @@ class _Trainer:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device, env)
+        self.device = _training_device(config.device, env)
         loss = config.loss
         options = (
             {"chunk_size": config.loss_chunk_size or None, "loss": loss.kind,
@@ -380,12 +384,9 @@ class _Trainer:
         return torch.amp.GradScaler("cuda")
 
     def _autocast(self) -> Callable[[], Any] | None:
-        precision = self.config.precision
-        if precision == "fp32":
+        if self.config.precision == "fp32":
             return None
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        device_type = self.device.type
-        return lambda: torch.autocast(device_type=device_type, dtype=dtype)
+        return functools.partial(autocast_context, self.device, self.config.precision)
 
     def _restore(self, model, optimizer, scheduler, scaler) -> tuple[int, int, dict[int, int], Counter, int]:
         state = self.state
