@@ -1,9 +1,11 @@
-"""Where and in what precision a model runs: ``"auto"`` device resolution, the device a model is on, and the
-autocast context a precision name stands for. Training, evaluation, inference and the CLI all use these."""
+"""Where and in what precision a model runs: ``"auto"`` device resolution, the device a model is on, the
+autocast context a precision name stands for, and torch's CPU thread count for the length of a job.
+Training, evaluation, inference and the CLI all use these."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,3 +36,18 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Run the block with torch's intra-op thread pool at ``threads`` (0: leave it as it is), then restore the
+    caller's count: a library call does not change the process's settings behind the caller."""
+    if not threads:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

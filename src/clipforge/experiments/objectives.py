@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from clipforge.eval.zeroshot import ZeroShotTally
-from clipforge.files import atomic_path
 from clipforge.objectives import OBJECTIVES, get_objective
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import HookContext, resolve_train_config, train
@@ -294,12 +293,10 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+    from clipforge.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig = new_figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
     for name, v in results["objectives"].items():
         x = np.array(v["images_seen"])
         ax.plot(x, v["mean"], marker="o", markersize=3, label=LABELS.get(name, name))
@@ -312,10 +309,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Objectives at equal images seen ({len(results['config']['seeds'])} seeds, min–max band)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, format="png")
 
 
 def load_zero_shot_set(spec: str, *, model: str = "tiny", split: str | None = None, classnames: str | None = None,

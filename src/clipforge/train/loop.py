@@ -30,7 +30,7 @@ from clipforge.config import ConfigError, apply_overrides, get_model_config, mer
 from clipforge.data.skipguard import SkipPolicy, StreamFailure
 from clipforge.data.sources import open_source
 from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
-from clipforge.device import autocast_context, resolve_device
+from clipforge.device import autocast_context, intra_op_threads, resolve_device
 from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard, unwrap
 from clipforge.model import CLIP
 from clipforge.objectives import get_objective, save_model
@@ -97,7 +97,9 @@ def train(
         raise ConfigError("train() needs a config, or resume= a run folder or checkpoint")
     env = init_distributed()
     with peer_failure_guard(env):
-        return _Trainer(config, env, resume, overrides or {}, hooks).run()
+        trainer = _Trainer(config, env, resume, overrides or {}, hooks)
+        with intra_op_threads(trainer.config.threads):
+            return trainer.run()
 
 
 def _training_device(requested: str, env: DistEnv) -> torch.device:
@@ -133,8 +135,6 @@ class _Trainer:
             )
         assert config is not None
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
         self.device = _training_device(config.device, env)
         loss = config.loss
         options = (
