@@ -1,5 +1,5 @@
 """`clipforge classify`, `embed` and `search`: using a model (any checkpoint clipforge loads) on your own images
-and texts. Parsing and printing only; the work is in :mod:`clipforge.inference`."""
+and texts. Parsing and printing only; the work is in :mod:`clipforge.inference` and :mod:`clipforge.search`."""
 
 from __future__ import annotations
 
@@ -210,15 +210,8 @@ def default_cache_root() -> Path:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from clipforge.inference import (
-        checkpoint_identity,
-        default_cache_path,
-        embed_images,
-        embed_images_cached,
-        find_images,
-        search,
-        write_montage,
-    )
+    from clipforge.inference import checkpoint_identity, embed_images, find_images
+    from clipforge.search import default_cache_path, embed_images_cached, search, write_montage
     from clipforge.tokenizer import get_tokenizer
     from clipforge.transforms import get_transforms
 
