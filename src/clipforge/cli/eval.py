@@ -370,7 +370,8 @@ def _labelled_images(dataset: Any, labels: list[int]) -> Iterator[Any]:
 
 
 def _cmd_overlap(args: argparse.Namespace) -> int:
-    from clipforge.eval.overlap import analyze_overlap, overlap_montage, sort_matches
+    from clipforge.eval.overlap import analyze_overlap, sort_matches
+    from clipforge.eval.overlap_montage import overlap_montage
     from clipforge.eval.report import write_results
 
     started = time.perf_counter()

@@ -28,7 +28,8 @@ _EXPORTS = {
     "linear_probe": ("FewShotResult", "LinearProbeResult", "few_shot", "linear_probe"),
     "retrieval": ("retrieval_metrics",),
     "pixels": ("pixel_baseline", "pixel_features"),
-    "overlap": ("OverlapMatch", "OverlapResult", "analyze_overlap", "overlap_montage"),
+    "overlap": ("OverlapMatch", "OverlapResult", "analyze_overlap"),
+    "overlap_montage": ("overlap_montage",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
