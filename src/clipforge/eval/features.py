@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from clipforge.device import autocast_context, model_device
-from clipforge.eval.datasets import EvalDataset
+from clipforge.eval.dataset import EvalDataset
 from clipforge.files import atomic_path
 
 log = logging.getLogger("clipforge.eval")

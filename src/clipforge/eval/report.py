@@ -74,7 +74,7 @@ def write_results(
     """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the JSON path.
 
     ``metrics``: headline numbers (flat). ``datasets``: per role ("data", "train", "test", ...) the dataset's
-    :meth:`~clipforge.eval.datasets.EvalDataset.describe`. ``skipped``: per role, counts by reason. ``details``:
+    :meth:`~clipforge.eval.dataset.EvalDataset.describe`. ``skipped``: per role, counts by reason. ``details``:
     anything else for programs (per-class recall, confusion, ...). ``tables``: extra (title, headers, rows)
     for the markdown.
     """
