@@ -27,15 +27,14 @@ from typing import Any
 from tqdm import tqdm
 
 from clipforge.data.builders import BUILDERS, build
-from clipforge.data.builders.core import (
-    BUILD_INFO_NAME,
-    CLASSES_NAME,
+from clipforge.data.builders.core import BUILD_INFO_NAME, CLASSES_NAME
+from clipforge.data.builders.emoji import EMOJI_TABLE_PATH
+from clipforge.data.builders.environment import (
     RULES_PATH,
     MissingPackageError,
     package_versions,
     python_package_versions,
 )
-from clipforge.data.builders.emoji import EMOJI_TABLE_PATH
 from clipforge.data.raw import DataError
 from clipforge.data.shards import MANIFEST_NAME, Manifest, sha256_file
 from clipforge.files import atomic_directory, leftover_directories
