@@ -34,11 +34,12 @@ from clipforge.data.sources import open_source, write_shards
 from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
 from clipforge.losses import ContrastiveLoss
 from clipforge.model import create_model
+from clipforge.objectives.contrastive import compute_gradients
 from clipforge.tokenizer import Tokenizer
 from clipforge.train.config import DataConfig, OptimConfig
 from clipforge.train.loop import train_loader
 from clipforge.train.optim import build_optimizer
-from clipforge.train.step import apply_update, compute_gradients
+from clipforge.train.step import apply_update
 from clipforge.transforms import get_transforms
 from common import (
     TUXPAINT_STAMPS,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from clipforge.tokenizer import _NEEDS_FULL_CLEAN, Tokenizer
+from clipforge.bpe import _NEEDS_FULL_CLEAN, Tokenizer
 
 
 def _words(text: str, sep: str = " ") -> list[str]:

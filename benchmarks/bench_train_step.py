@@ -30,10 +30,11 @@ from torch import nn
 
 from clipforge.config import get_model_config
 from clipforge.losses import ContrastiveLoss
+from clipforge.objectives.contrastive import compute_gradients
 from clipforge.tokenizer import Tokenizer
 from clipforge.train.config import OptimConfig
 from clipforge.train.optim import build_optimizer
-from clipforge.train.step import apply_update, compute_gradients
+from clipforge.train.step import apply_update
 from common import (
     MIXED,
     PRECISIONS,

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from clipforge.config import ModelConfig
+from clipforge.device import autocast_context as clipforge_autocast
+from clipforge.device import resolve_device
 from clipforge.model import CLIP, create_model
 from clipforge.model.convert import from_openai
 
@@ -40,11 +42,9 @@ class BenchmarkError(ValueError):
 
 def pick_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else the CPU. ``cuda`` without a GPU raises."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def set_threads(threads: int) -> int:
@@ -55,9 +55,7 @@ def set_threads(threads: int) -> int:
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The context a forward pass runs in for ``precision`` (autocast only for ``bf16-autocast``)."""
-    if precision == "bf16-autocast":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return clipforge_autocast(device, "bf16" if precision == "bf16-autocast" else "fp32")
 
 
 def model_dtype(precision: str) -> torch.dtype:

@@ -26,7 +26,8 @@ from typing import Any
 from PIL import Image
 
 from clipforge.data.builders import BUILDERS, build
-from clipforge.data.builders.core import ImageOptions, drop_duplicates, read_text_head, sample_key
+from clipforge.data.builders.core import ImageOptions, drop_duplicates, sample_key
+from clipforge.data.builders.environment import read_text_head
 from clipforge.data.builtin import BUDGET_BYTES, BUILTIN_DIR, MANIFEST_FILE, MANIFEST_FORMAT, verify_builtin
 from clipforge.data.raw import tar_member_bytes
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipforge.data.builders.core import load_rules
 from clipforge.data.builders.emoji import load_emoji_table
+from clipforge.data.builders.environment import load_rules
 from clipforge.data.builders.iconpacks import pack_icons
 from clipforge.data.builders.openmoji import table_index
 from clipforge.data.builders.simpleicons import contrast_with_white

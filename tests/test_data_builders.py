@@ -23,13 +23,13 @@ from clipforge.data.builders.core import (
     SplitOptions,
     assign_splits,
     choose_heldout_classes,
-    load_rules,
     mention_counts,
     mentions,
     split_counts,
 )
 from clipforge.data.builders.digits import NUMBER_WORDS, digit_image
 from clipforge.data.builders.emoji import DEFAULT_FONT, emoji_captions, name_phrase, parse_emoji_test
+from clipforge.data.builders.environment import load_rules
 from clipforge.data.builders.openclipart import normalize_title
 from clipforge.data.builders.tuxpaint import parse_description
 from clipforge.data.raw import DataError, RawSample

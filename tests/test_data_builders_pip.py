@@ -18,7 +18,8 @@ from PIL import Image
 
 from clipforge.data.builders import BUILDERS, MissingPackageError, build, mdi, openmoji
 from clipforge.data.builders import emoji as emoji_builder
-from clipforge.data.builders.core import ImageOptions, PipPackage, load_rules
+from clipforge.data.builders.core import ImageOptions
+from clipforge.data.builders.environment import PipPackage, load_rules
 from clipforge.data.builders.iconnames import RULE_FIELDS, IconNamer
 from clipforge.data.builders.iconpacks import IconItem, pack_icons, render_items
 from clipforge.data.shards import iter_shard

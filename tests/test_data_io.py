@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from clipforge.data.raw import DataError, DataNotFoundError, RawSample, UnitError
-from clipforge.data.shards import Manifest, ShardWriter, iter_shard, split_member_name, write_shards
-from clipforge.data.sources import ConcatSource, ShardSource, Source, expand_braces, open_source
+from clipforge.data.shards import Manifest, ShardWriter, iter_shard, split_member_name
+from clipforge.data.sources import ConcatSource, ShardSource, Source, expand_braces, open_source, write_shards
 from clipforge.data.tables import ImageFolderSource, TableSource
 
 

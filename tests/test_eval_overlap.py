@@ -25,10 +25,9 @@ from clipforge.eval.overlap import (
     analyze_overlap,
     find_overlap,
     hamming,
-    montage_size,
-    overlap_montage,
     perceptual_hash,
 )
+from clipforge.eval.overlap_montage import montage_size, overlap_montage
 
 # ----------------------------------------------------------------------------------------------------------------
 # Real images and planted near-duplicates

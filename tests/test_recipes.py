@@ -36,11 +36,12 @@ from clipforge.losses import (
 from clipforge.model import create_model
 from clipforge.model.vision import drop_patches, kept_patches
 from clipforge.objectives import get_objective
+from clipforge.objectives.contrastive import compute_gradients
 from clipforge.train import resolve_train_config, train
 from clipforge.train.config import OptimConfig, loss_model_defaults
 from clipforge.train.optim import build_optimizer
 from clipforge.train.report import read_metrics
-from clipforge.train.step import apply_update, compute_gradients, freeze_temperature
+from clipforge.train.step import apply_update, freeze_temperature
 from tests.conftest import random_images, random_tokens
 from tests.datasets import digits_table
 from tests.test_distributed import _run_ranks, _set_torchrun_env

@@ -173,7 +173,7 @@ def test_batch_order_and_single_calls_agree(corpus, tokenizer):
 
 
 def test_merges_file_is_openai_s():
-    from clipforge.tokenizer import BPE_PATH
+    from clipforge.bpe import BPE_PATH
 
     digest = hashlib.sha256(BPE_PATH.read_bytes()).hexdigest()
     assert digest == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -209,7 +209,7 @@ def test_plain_ascii_is_left_unchanged_by_ftfy_and_unescape():
 
 
 def test_shortcut_covers_exactly_the_plain_characters():
-    from clipforge.tokenizer import _NEEDS_FULL_CLEAN
+    from clipforge.bpe import _NEEDS_FULL_CLEAN
 
     for code in range(0x3000):
         assert (_NEEDS_FULL_CLEAN.search(chr(code)) is None) == (chr(code) in PLAIN), hex(code)

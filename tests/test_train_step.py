@@ -11,9 +11,10 @@ import torch
 from clipforge.config import ConfigError
 from clipforge.losses import ContrastiveLoss
 from clipforge.model import create_model
+from clipforge.objectives.contrastive import compute_gradients
 from clipforge.train.config import OptimConfig, TrainConfig, parse_override, resolve_train_config
 from clipforge.train.optim import build_optimizer, decays, lr_factor
-from clipforge.train.step import apply_update, compute_gradients
+from clipforge.train.step import apply_update
 from tests.conftest import random_images, random_tokens
 
 

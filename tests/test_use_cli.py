@@ -25,14 +25,13 @@ from clipforge.inference import (
     checkpoint_identity,
     classify,
     embed_images,
-    embed_images_cached,
     find_images,
     load_model,
     read_embeddings,
-    search,
     write_embeddings,
 )
 from clipforge.model import CLIP
+from clipforge.search import embed_images_cached, search
 
 LABELS = ["a red square", "a green circle", "a blue sky", "a dog"]
 

@@ -8,13 +8,12 @@ Public API::
     out = model(images, tokenizer(["a photo of a cat"]))   # CLIPOutput(image_features, text_features, logit_scale)
 """
 
-__version__ = "0.1.0"
-
 from clipforge.checkpoint import export_checkpoint, load_checkpoint, save_checkpoint
 from clipforge.config import ModelConfig, get_model_config, list_models
 from clipforge.model import CLIP, CLIPOutput, create_model
 from clipforge.tokenizer import Tokenizer, TokenizerOverflowError, get_tokenizer
 from clipforge.transforms import get_transforms
+from clipforge.version import __version__
 
 __all__ = [
     "CLIP",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 class DistributedError(RuntimeError):
@@ -40,6 +41,11 @@ class DistEnv:
 def is_distributed() -> bool:
     """True when a process group with more than one process is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or any ``.module``) wrapper; ``model`` itself otherwise."""
+    return getattr(model, "module", model)
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:

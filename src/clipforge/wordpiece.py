@@ -7,7 +7,7 @@ CJK ideographs are spaced out, accents stripped (NFD, then non-spacing marks dro
 character, split on whitespace and punctuation, and each word is cut greedily into the longest vocabulary
 pieces (``##`` marks a continuation). A word with a piece not in the vocabulary, or longer than 100 characters,
 becomes [UNK]. Rows are ``[CLS] ids [SEP]`` then [PAD] (id 0), packed and truncated (counted) by
-:class:`clipforge.tokenizer.Tokenizer`, whose policy and bookkeeping this class shares.
+:class:`clipforge.bpe.Tokenizer`, whose policy and bookkeeping this class shares.
 
 Character classes come from Python's ``unicodedata``, corrected by a small table of the code points where the
 Unicode tables inside Hugging Face's Rust tokenizer differ (characters added to Unicode after those tables were
@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from clipforge.tokenizer import Tokenizer
+from clipforge.bpe import Tokenizer
 
 UNICODE_OVERRIDES_PATH = Path(__file__).parent / "assets" / "wordpiece_unicode.json"
 CONTINUATION = "##"
@@ -271,7 +271,7 @@ class WordPieceTokenizer(Tokenizer):
     and ``special_tokens_map.json``), id for id equal to Hugging Face's fast BERT tokenizer.
 
     ``tokenizer(texts)`` returns a LongTensor [N, context_length]: ``[CLS] + ids + [SEP]`` then [PAD] (0).
-    Overflow is handled as :class:`~clipforge.tokenizer.Tokenizer` does (``'truncate'`` keeps the first
+    Overflow is handled as :class:`~clipforge.bpe.Tokenizer` does (``'truncate'`` keeps the first
     ``context_length - 2`` pieces and counts the text in ``num_truncated``; ``'error'`` raises).
     """
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from clipforge.checkpoint.atomic import atomic_path
 from clipforge.checkpoint.errors import CheckpointError
 from clipforge.checkpoint.native import write_safetensors
 from clipforge.checkpoint.reader import RawCheckpoint, read_checkpoint
 from clipforge.config import ModelConfig, config_from_dict, merge
+from clipforge.files import atomic_path
 from clipforge.model.convert import (
     ConversionError,
     config_from_hf,

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from clipforge.checkpoint.atomic import atomic_path
 from clipforge.checkpoint.errors import CheckpointError
 from clipforge.config import ConfigError, ModelConfig, config_from_dict
+from clipforge.files import atomic_path
+from clipforge.version import __version__
 
 FORMAT_NAME = "clipforge"
 FORMAT_VERSION = "1"
@@ -24,8 +25,6 @@ def native_metadata(
 ) -> dict[str, str]:
     """The header: format, versions, the resolved config and (LiT models) the pretrained ``towers`` the weights
     need (see :mod:`clipforge.checkpoint.towers`); ``extra`` keys may not shadow these."""
-    from clipforge import __version__
-
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

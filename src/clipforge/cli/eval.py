@@ -23,8 +23,7 @@ PAPER_BASELINE_TEMPLATE = "a photo of a {}."
 def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The model named by ``--model`` (a checkpoint, or a registered name with random weights: see
     :func:`clipforge.inference.load_model`) and its identity."""
-    import torch
-
+    from clipforge.device import resolve_device
     from clipforge.eval.features import model_fingerprint
     from clipforge.inference import RANDOM_WEIGHTS_SEED, load_model
 
@@ -36,9 +35,7 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         identity.update(path=str(path.resolve()), random_weights=False)
     else:
         identity.update(random_weights=True, seed=RANDOM_WEIGHTS_SEED)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     model = model.to(device).eval()
     identity.update(
         architecture=model.config.name,
@@ -373,7 +370,8 @@ def _labelled_images(dataset: Any, labels: list[int]) -> Iterator[Any]:
 
 
 def _cmd_overlap(args: argparse.Namespace) -> int:
-    from clipforge.eval.overlap import analyze_overlap, overlap_montage, sort_matches
+    from clipforge.eval.overlap import analyze_overlap, sort_matches
+    from clipforge.eval.overlap_montage import overlap_montage
     from clipforge.eval.report import write_results
 
     started = time.perf_counter()
@@ -420,7 +418,7 @@ def _embedder(model: Any, precision: str) -> Any:
     import torch
     import torch.nn.functional as F
 
-    from clipforge.eval.features import autocast_context, model_device
+    from clipforge.device import autocast_context, model_device
     from clipforge.transforms import get_transforms
 
     transform, device = get_transforms(model), model_device(model)

@@ -1,5 +1,5 @@
 """`clipforge classify`, `embed` and `search`: using a model (any checkpoint clipforge loads) on your own images
-and texts. Parsing and printing only; the work is in :mod:`clipforge.inference`."""
+and texts. Parsing and printing only; the work is in :mod:`clipforge.inference` and :mod:`clipforge.search`."""
 
 from __future__ import annotations
 
@@ -14,21 +14,14 @@ from pathlib import Path
 from typing import Any
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    if name is not None:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load_model(spec: str, device: str | None) -> Any:
     """The model, with the random-weights warning printed loudly on stderr (not as a Python warning line)."""
+    from clipforge.device import resolve_device
     from clipforge.inference import RandomWeightsWarning, load_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
-        model = load_model(spec, device=_device(device))
+        model = load_model(spec, device=resolve_device(device))
     for warning in caught:
         if issubclass(warning.category, RandomWeightsWarning):
             print(f"WARNING: {warning.message}", file=sys.stderr)
@@ -90,8 +83,9 @@ def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
 def _cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
-    from clipforge import get_tokenizer, get_transforms
     from clipforge.inference import class_probabilities, find_images, iter_image_batches, text_classifier
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.transforms import get_transforms
 
     labels = read_labels(args.labels, args.labels_file)
     top_k = min(_check_top_k(args.top_k), len(labels))
@@ -165,7 +159,6 @@ def read_texts(items: Sequence[str]) -> list[str]:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from clipforge import get_tokenizer, get_transforms
     from clipforge.inference import (
         check_embeddings_path,
         embed_images,
@@ -173,6 +166,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         find_images,
         write_embeddings,
     )
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.transforms import get_transforms
 
     out = check_embeddings_path(args.out)
     if args.images is not None:
@@ -215,16 +210,10 @@ def default_cache_root() -> Path:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from clipforge import get_tokenizer, get_transforms
-    from clipforge.inference import (
-        checkpoint_identity,
-        default_cache_path,
-        embed_images,
-        embed_images_cached,
-        find_images,
-        search,
-        write_montage,
-    )
+    from clipforge.inference import checkpoint_identity, embed_images, find_images
+    from clipforge.search import default_cache_path, embed_images_cached, search, write_montage
+    from clipforge.tokenizer import get_tokenizer
+    from clipforge.transforms import get_transforms
 
     top_k = _check_top_k(args.top_k)
     if not args.query.strip():

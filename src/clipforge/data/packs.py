@@ -27,17 +27,17 @@ from typing import Any
 from tqdm import tqdm
 
 from clipforge.data.builders import BUILDERS, build
-from clipforge.data.builders.core import (
-    BUILD_INFO_NAME,
-    CLASSES_NAME,
+from clipforge.data.builders.core import BUILD_INFO_NAME, CLASSES_NAME
+from clipforge.data.builders.emoji import EMOJI_TABLE_PATH
+from clipforge.data.builders.environment import (
     RULES_PATH,
     MissingPackageError,
     package_versions,
     python_package_versions,
 )
-from clipforge.data.builders.emoji import EMOJI_TABLE_PATH
 from clipforge.data.raw import DataError
 from clipforge.data.shards import MANIFEST_NAME, Manifest, sha256_file
+from clipforge.files import atomic_directory, leftover_directories
 
 CACHE_ENV = "CLIPFORGE_CACHE"
 CACHE_RECORD_NAME = "cache.json"
@@ -203,21 +203,15 @@ def _ensure_one(
         ).is_file():  # an interrupted build is expected; damage is worth a warning
             warnings.warn(f"{folder}: {'; '.join(problems[:3])}; rebuilding it", CacheWarning, stacklevel=3)
         shutil.rmtree(folder)
-    for stale in folder.parent.glob(
-        f".{folder.name}.building-*"
-    ):  # left by a killed build (we hold the lock)
+    for stale in leftover_directories(folder):  # left by a killed build (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
-    building = folder.parent / f".{folder.name}.building-{os.getpid()}"
     if progress:
         tqdm.write(f"building dataset {name} into {folder} (first use)")
     started = time.perf_counter()
-    try:
+    with atomic_directory(folder) as building:
         build(name, building, **{**options, "progress": progress})
         seconds = round(time.perf_counter() - started, 1)
         (building / CACHE_RECORD_NAME).write_text(
             json.dumps({**record, "build_seconds": seconds}, indent=1) + "\n", encoding="utf-8"
         )
-        os.replace(building, folder)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     return folder

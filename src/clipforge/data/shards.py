@@ -7,8 +7,8 @@ one :class:`UnitError`. Gzip-compressed shards (``.tar.gz``) are read too.
 
 Writing: each shard is written under a temporary name, fsynced and renamed, so a shard either exists complete
 or not at all; members carry fixed metadata (mtime 0, uid 0, mode 644), so the same input gives byte-identical
-shards and sha256s. ``write_shards`` (shards from any source) is defined in :mod:`clipforge.data.sources` and
-importable from here.
+shards and sha256s. ``write_shards`` (shards from any source) lives in :mod:`clipforge.data.sources`, which
+builds on this module.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from clipforge.data.raw import (
     iter_tar_members,
     tar_member_bytes,
 )
+from clipforge.files import AtomicFile, atomic_path, leftover_temporaries
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 DEFAULT_MAX_SAMPLES = 10_000
@@ -316,32 +317,6 @@ class Manifest:
             ) from exc
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on every platform/filesystem; the rename itself is still atomic
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 
@@ -381,7 +356,7 @@ class ShardWriter:
         self.args = {"prefix": prefix, "max_bytes": max_bytes, "max_samples": max_samples, **(args or {})}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         existing = sorted(self.out_dir.glob(f"{prefix}-*.tar")) + sorted(self.out_dir.glob(MANIFEST_NAME))
-        existing += sorted(self.out_dir.glob(f".{prefix}-*.tar.tmp-*"))  # left by a crashed writer
+        existing += leftover_temporaries(self.out_dir, f"{prefix}-*.tar")  # left by a crashed writer
         if existing and not overwrite:
             raise DataError(
                 f"{self.out_dir} already holds {len(existing)} shard/manifest file(s) (e.g. {existing[0].name}); "
@@ -393,8 +368,7 @@ class ShardWriter:
         self.unit_errors: list[UnitError] = []
         self._shards: list[ShardInfo] = []
         self._oversized = 0
-        self._file: BinaryIO | None = None
-        self._temporary: Path | None = None
+        self._file: AtomicFile | None = None
         self._hash = hashlib.sha256()
         self._size = 0
         self._keys: set[str] = set()
@@ -456,19 +430,15 @@ class ShardWriter:
             if self._file is not None:
                 self._finish_shard()
             self._closed = True
-            _write_atomically(
-                self.out_dir / MANIFEST_NAME, json.dumps(self.manifest.to_dict(), indent=1).encode("utf-8")
-            )
+            with atomic_path(self.out_dir / MANIFEST_NAME) as temporary:
+                temporary.write_bytes(json.dumps(self.manifest.to_dict(), indent=1).encode("utf-8"))
         return self.manifest
 
     def abort(self) -> None:
         """Stop without a manifest: remove the partial shard; completed shards stay."""
         if self._file is not None:
-            self._file.close()
+            self._file.discard()
             self._file = None
-        if self._temporary is not None:
-            self._temporary.unlink(missing_ok=True)
-            self._temporary = None
         self._closed = True
 
     @property
@@ -492,27 +462,19 @@ class ShardWriter:
         return f"{self.prefix}-{index:06d}.tar"
 
     def _start_shard(self) -> None:
-        name = self._shard_name(len(self._shards))
-        self._temporary = self.out_dir / f".{name}.tmp-{os.getpid()}"
-        self._file = open(self._temporary, "wb")  # noqa: SIM115 - closed in _finish_shard or abort
+        self._file = AtomicFile(self.out_dir / self._shard_name(len(self._shards)))
         self._hash = hashlib.sha256()
         self._size = 0
         self._keys = set()
 
     def _finish_shard(self) -> None:
-        assert self._file is not None and self._temporary is not None
+        assert self._file is not None
         self._file.write(END_OF_ARCHIVE)
         self._hash.update(END_OF_ARCHIVE)
         self._size += len(END_OF_ARCHIVE)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        path = self._file.commit()
         self._file = None
-        name = self._shard_name(len(self._shards))
-        os.replace(self._temporary, self.out_dir / name)
-        self._temporary = None
-        _fsync_directory(self.out_dir)
-        self._shards.append(ShardInfo(name, len(self._keys), self._size, self._hash.hexdigest()))
+        self._shards.append(ShardInfo(path.name, len(self._keys), self._size, self._hash.hexdigest()))
 
 
 def _encode_sample(
@@ -585,12 +547,3 @@ __all__ = [
     "sha256_file",
     "split_member_name",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # write_shards reads any Source, so it lives beside them (sources imports this module); import it lazily.
-    if name == "write_shards":
-        from clipforge.data.sources import write_shards
-
-        return write_shards
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

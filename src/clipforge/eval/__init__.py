@@ -20,7 +20,8 @@ _EXPORTS = {
         "list_template_sets",
         "resolve_classnames",
     ),
-    "datasets": ("EvalBatch", "EvalDataset", "EvalSample", "open_eval_dataset", "read_classnames_file"),
+    "dataset": ("EvalBatch", "EvalDataset", "EvalSample"),
+    "datasets": ("open_eval_dataset", "read_classnames_file"),
     "features": ("EncodedImages", "FeatureCache", "encode_images", "encode_texts", "model_fingerprint"),
     "zeroshot": ("ZeroShotResult", "build_classifier", "classify_features", "zero_shot_classify"),
     "report": ("write_confusion_png", "write_results"),
@@ -28,7 +29,8 @@ _EXPORTS = {
     "linear_probe": ("FewShotResult", "LinearProbeResult", "few_shot", "linear_probe"),
     "retrieval": ("retrieval_metrics",),
     "pixels": ("pixel_baseline", "pixel_features"),
-    "overlap": ("OverlapMatch", "OverlapResult", "analyze_overlap", "overlap_montage"),
+    "overlap": ("OverlapMatch", "OverlapResult", "analyze_overlap"),
+    "overlap_montage": ("overlap_montage",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

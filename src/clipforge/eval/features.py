@@ -25,33 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from clipforge.checkpoint.atomic import atomic_path
-from clipforge.eval.datasets import EvalDataset
+from clipforge.device import autocast_context, model_device
+from clipforge.eval.dataset import EvalDataset
+from clipforge.files import atomic_path
 
 log = logging.getLogger("clipforge.eval")
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 _CACHE_FORMAT = 1  # bump when what a cache entry holds changes
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model helpers
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` for bf16/fp16, a null context for fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @contextlib.contextmanager

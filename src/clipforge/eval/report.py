@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.checkpoint.atomic import atomic_path
+from clipforge.files import atomic_path
+from clipforge.version import __version__
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -73,12 +74,10 @@ def write_results(
     """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the JSON path.
 
     ``metrics``: headline numbers (flat). ``datasets``: per role ("data", "train", "test", ...) the dataset's
-    :meth:`~clipforge.eval.datasets.EvalDataset.describe`. ``skipped``: per role, counts by reason. ``details``:
+    :meth:`~clipforge.eval.dataset.EvalDataset.describe`. ``skipped``: per role, counts by reason. ``details``:
     anything else for programs (per-class recall, confusion, ...). ``tables``: extra (title, headers, rows)
     for the markdown.
     """
-    from clipforge import __version__
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -145,10 +144,7 @@ def write_confusion_png(
 ) -> Path:
     """A row-normalised confusion matrix (true class down, predicted across) as a PNG; class names on the axes
     when there are at most 40 classes, otherwise an unlabelled heat map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from clipforge.plotting import new_figure, save_figure
 
     confusion = np.asarray(confusion, dtype=np.float64)
     num_classes = confusion.shape[0]
@@ -157,7 +153,8 @@ def write_confusion_png(
         normalised = np.where(totals > 0, confusion / totals, 0.0)
     labelled = classnames is not None and num_classes <= MAX_LABELLED_CLASSES
     size = 4 + (0.28 * num_classes if labelled else 4)
-    figure, axes = plt.subplots(figsize=(size + 1.5, size))
+    figure = new_figure(figsize=(size + 1.5, size))
+    axes = figure.subplots()
     image = axes.imshow(normalised, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
     axes.set_xlabel("predicted class")
@@ -169,9 +166,4 @@ def write_confusion_png(
     accuracy = np.trace(confusion) / max(1.0, confusion.sum())
     axes.set_title(f"zero-shot confusion ({num_classes} classes, top-1 {accuracy:.3f})")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, format="png", dpi=110)

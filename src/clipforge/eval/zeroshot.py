@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.eval.features import autocast_context, eval_mode, model_device
+from clipforge.device import autocast_context, model_device
+from clipforge.eval.features import eval_mode
 from clipforge.eval.templates import ClassName, check_templates, format_template
 
 LOGIT_SCALE = 100.0

@@ -105,7 +105,8 @@ class ZeroShotSet:
     ) -> torch.Tensor:
         """L2-normalised image features [N, D] of the current weights (eval mode, no gradients); ``transform``
         defaults to the model's eval transform."""
-        from clipforge.eval.features import eval_mode, model_device
+        from clipforge.device import model_device
+        from clipforge.eval.features import eval_mode
         from clipforge.transforms import get_transforms
 
         device = model_device(model)

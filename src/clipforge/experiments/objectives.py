@@ -293,12 +293,10 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+    from clipforge.plotting import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig = new_figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
     for name, v in results["objectives"].items():
         x = np.array(v["images_seen"])
         ax.plot(x, v["mean"], marker="o", markersize=3, label=LABELS.get(name, name))
@@ -311,11 +309,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Objectives at equal images seen ({len(results['config']['seeds'])} seeds, min–max band)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=120, format="png")
 
 
 def load_zero_shot_set(spec: str, *, model: str = "tiny", split: str | None = None, classnames: str | None = None,

@@ -3,6 +3,7 @@ others as safetensors with the objective's name and the model config in the head
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from safetensors import safe_open
@@ -11,14 +12,14 @@ from torch import nn
 from clipforge.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from clipforge.checkpoint.native import native_metadata, write_safetensors
 from clipforge.config import config_from_dict
+from clipforge.model import CLIP
+from clipforge.objectives.registry import get_objective
 
 OBJECTIVE_KEY = "objective"
 
 
 def save_model(model: nn.Module, path: str | Path, objective: str) -> Path:
     """Write ``model`` atomically; a CLIP (contrastive objective) stays loadable by ``load_checkpoint``."""
-    from clipforge.model import CLIP
-
     if isinstance(model, CLIP):
         return save_checkpoint(model, path)
     metadata = native_metadata(model.config, {OBJECTIVE_KEY: objective})  # type: ignore[arg-type]
@@ -27,10 +28,6 @@ def save_model(model: nn.Module, path: str | Path, objective: str) -> Path:
 
 def load_model(path: str | Path) -> tuple[nn.Module, str]:
     """``(model in eval mode, objective name)`` from a file :func:`save_model` wrote."""
-    import json
-
-    from clipforge.objectives import get_objective
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as file:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from clipforge.checkpoint import CheckpointError
-from clipforge.checkpoint.atomic import atomic_path
+from clipforge.files import atomic_path, leftover_temporaries
 
 FORMAT = "clipforge-train"
 FORMAT_VERSION = 1
@@ -89,7 +89,7 @@ def save_training_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], 
         torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, **payload}, tmp)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
-    for stale in path.parent.glob(".step_*.tmp"):  # left by a process killed mid-save
+    for stale in leftover_temporaries(path.parent, "step_*"):  # left by a process killed mid-save
         stale.unlink(missing_ok=True)
     return path
 

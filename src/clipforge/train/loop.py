@@ -6,6 +6,7 @@ One entry point, :func:`train`, used by ``clipforge train`` and by Python caller
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,7 +30,8 @@ from clipforge.config import ConfigError, apply_overrides, get_model_config, mer
 from clipforge.data.skipguard import SkipPolicy, StreamFailure
 from clipforge.data.sources import open_source
 from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
-from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard
+from clipforge.device import autocast_context, intra_op_threads, resolve_device
+from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard, unwrap
 from clipforge.model import CLIP
 from clipforge.objectives import get_objective, save_model
 from clipforge.tokenizer import get_tokenizer
@@ -38,7 +40,7 @@ from clipforge.train.config import TrainConfig, loss_model_defaults, train_confi
 from clipforge.train.lock import apply_locks
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.report import MetricsWriter, write_loss_plot
-from clipforge.train.step import apply_update, freeze_temperature, unwrap
+from clipforge.train.step import apply_update, freeze_temperature
 from clipforge.transforms import get_transforms
 
 log = logging.getLogger("clipforge.train")
@@ -95,15 +97,19 @@ def train(
         raise ConfigError("train() needs a config, or resume= a run folder or checkpoint")
     env = init_distributed()
     with peer_failure_guard(env):
-        return _Trainer(config, env, resume, overrides or {}, hooks).run()
+        trainer = _Trainer(config, env, resume, overrides or {}, hooks)
+        with intra_op_threads(trainer.config.threads):
+            return trainer.run()
 
 
-def resolve_device(requested: str, env: DistEnv) -> torch.device:
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
+def _training_device(requested: str, env: DistEnv) -> torch.device:
+    """``device`` ("auto", "cpu", "cuda") resolved; on a GPU, this rank's GPU under torchrun."""
+    device = resolve_device(requested)
+    if device.type == "cpu":
+        return device
     if not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' requested but no GPU is available; use device=auto or cpu")
-    return env.device if env.device.type == "cuda" else torch.device("cuda")
+    return env.device if env.device.type == "cuda" else device
 
 
 class _Trainer:
@@ -129,9 +135,7 @@ class _Trainer:
             )
         assert config is not None
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device, env)
+        self.device = _training_device(config.device, env)
         loss = config.loss
         options = (
             {"chunk_size": config.loss_chunk_size or None, "loss": loss.kind,
@@ -380,12 +384,9 @@ class _Trainer:
         return torch.amp.GradScaler("cuda")
 
     def _autocast(self) -> Callable[[], Any] | None:
-        precision = self.config.precision
-        if precision == "fp32":
+        if self.config.precision == "fp32":
             return None
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        device_type = self.device.type
-        return lambda: torch.autocast(device_type=device_type, dtype=dtype)
+        return functools.partial(autocast_context, self.device, self.config.precision)
 
     def _restore(self, model, optimizer, scheduler, scaler) -> tuple[int, int, dict[int, int], Counter, int]:
         state = self.state

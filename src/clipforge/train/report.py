@@ -71,13 +71,11 @@ def write_loss_plot(run_dir: Path) -> Path | None:
     records = read_metrics(run_dir)
     if not records:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from clipforge.plotting import new_figure, save_figure
 
     samples = [r["samples"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = new_figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     ax.plot(samples, [r["loss"] for r in records], color="tab:blue", label="contrastive loss")
     ax.set_xlabel("image-text pairs seen")
     ax.set_ylabel("loss", color="tab:blue")
@@ -87,7 +85,4 @@ def write_loss_plot(run_dir: Path) -> Path | None:
     scale_axis.set_ylabel("logit scale (1/τ)", color="tab:orange")
     ax.set_title(f"training: {run_dir.name}")
     fig.tight_layout()
-    path = run_dir / "loss.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, run_dir / "loss.png")

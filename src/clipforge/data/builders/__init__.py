@@ -32,12 +32,11 @@ from clipforge.data.builders.core import (
     BuildResult,
     Collected,
     ImageOptions,
-    MissingPackageError,
-    PipPackage,
     SplitOptions,
     load_build_info,
     write_dataset,
 )
+from clipforge.data.builders.environment import MissingPackageError, PipPackage
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,8 @@ from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
 from clipforge.data.builders.captions import pick_templates, unique, with_article
-from clipforge.data.builders.core import (
-    PRIMARY_LABEL,
-    Candidate,
-    Collected,
-    ImageOptions,
-    LabelField,
-    load_rules,
-    read_text_head,
-    require_files,
-)
+from clipforge.data.builders.core import PRIMARY_LABEL, Candidate, Collected, ImageOptions, LabelField
+from clipforge.data.builders.environment import load_rules, read_text_head, require_files
 from clipforge.data.raw import DataError
 from clipforge.images import to_rgb
 

@@ -12,15 +12,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipforge.data.builders.core import (
-    PRIMARY_LABEL,
-    Collected,
-    ImageOptions,
-    PipPackage,
-    load_rules,
-    python_licence_text,
-    require_module,
-)
+from clipforge.data.builders.core import PRIMARY_LABEL, Collected, ImageOptions
+from clipforge.data.builders.environment import PipPackage, load_rules, python_licence_text, require_module
 from clipforge.data.builders.iconnames import RULE_FIELDS, IconNamer, concept_classes
 from clipforge.data.builders.iconpacks import IconItem, pack_icons, render_items, select
 from clipforge.data.builders.svgrender import DEFAULT_MARGIN, RESVG

@@ -29,16 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipforge.data.builders.captions import pick_templates, unique, with_article
-from clipforge.data.builders.core import (
-    PRIMARY_LABEL,
-    RULES_PATH,
-    Candidate,
-    Collected,
-    ImageOptions,
-    load_rules,
-    read_text_head,
-    require_files,
-)
+from clipforge.data.builders.core import PRIMARY_LABEL, Candidate, Collected, ImageOptions
+from clipforge.data.builders.environment import RULES_PATH, load_rules, read_text_head, require_files
 from clipforge.data.raw import DataError
 from clipforge.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 

@@ -17,15 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipforge.data.builders.core import (
-    PRIMARY_LABEL,
-    Collected,
-    ImageOptions,
-    PipPackage,
-    load_rules,
-    python_licence_text,
-    require_module,
-)
+from clipforge.data.builders.core import PRIMARY_LABEL, Collected, ImageOptions
 from clipforge.data.builders.emoji import (
     SKIN_TONES,
     SUBGROUP_LABEL,
@@ -35,6 +27,7 @@ from clipforge.data.builders.emoji import (
     parse_emoji_test,
     subgroup_class,
 )
+from clipforge.data.builders.environment import PipPackage, load_rules, python_licence_text, require_module
 from clipforge.data.builders.iconpacks import IconItem, render_items, select
 from clipforge.data.builders.svgrender import DEFAULT_MARGIN, RESVG
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from clipforge.data.builders.core import ImageOptions, PipPackage, require_module
+from clipforge.data.builders.core import ImageOptions
+from clipforge.data.builders.environment import PipPackage, require_module
 
 RESVG = PipPackage("resvg_py", "resvg_py", "0.5.0")
 DEFAULT_MARGIN = 1 / 16  # of the side, on each side: 4 px at 64 px

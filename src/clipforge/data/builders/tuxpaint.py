@@ -20,15 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from clipforge.data.builders.core import (
-    PRIMARY_LABEL,
-    Candidate,
-    Collected,
-    ImageOptions,
-    load_rules,
-    read_text_head,
-    require_files,
-)
+from clipforge.data.builders.core import PRIMARY_LABEL, Candidate, Collected, ImageOptions
+from clipforge.data.builders.environment import load_rules, read_text_head, require_files
 from clipforge.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 NAME = "tuxpaint"

@@ -1,0 +1,401 @@
+"""CLIP's byte-level BPE tokenizer: the exact ids of OpenAI's tokenizer, fast batch encoding, counted truncation.
+
+The pipeline is OpenAI's: ``ftfy.fix_text``, ``html.unescape`` twice, whitespace collapse, lower-casing, a
+pre-tokenization regex, then byte-level BPE per word. Exact shortcuts make batches fast: text made only of
+printable ASCII (no '&') skips ftfy and unescaping, which provably leave it unchanged (``_NEEDS_FULL_CLEAN``);
+ids are cached per space-separated chunk, since no pre-token spans a space (``_ChunkCache``); and all such
+plain texts of a batch are lower-cased, split and looked up in one pass over a joined string.
+
+:class:`Tokenizer` is also the base of :class:`clipforge.wordpiece.WordPieceTokenizer` (overflow policy,
+packing, counters); :func:`clipforge.tokenizer.get_tokenizer` picks between them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import logging
+import operator
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import chain, pairwise
+from pathlib import Path
+from typing import Any, Literal
+
+import ftfy
+import numpy as np
+import regex
+import torch
+
+logger = logging.getLogger("clipforge.tokenizer")  # the name users configure for every tokenizer
+
+BPE_PATH = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+NUM_MERGES = 48_894  # merges used by CLIP: 49,408 - 256 bytes - 256 end-of-word bytes - 2 special tokens
+SOT_TEXT = "<start_of_text>"
+EOT_TEXT = "<end_of_text>"
+END_OF_WORD = "</w>"
+
+# OpenAI's pre-tokenization: special tokens, English contractions, letter runs, single digits, and runs of
+# anything else that is not whitespace. Kept verbatim (including IGNORECASE) since it defines the ids.
+_PRETOKENIZE = regex.compile(
+    rf"""{SOT_TEXT}|{EOT_TEXT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+""",
+    regex.IGNORECASE,
+)
+
+# Anything but tab, newline and printable ASCII except '&'. A text without such characters ("plain") is
+# returned unchanged by ``ftfy.fix_text``: ASCII text skips its mojibake repair, and its other fixers only
+# touch non-ASCII characters, ASCII controls other than tab/newline ('\r' becomes '\n', ESC sequences and
+# the rest are removed) or '&' entities. ``html.unescape`` returns text without '&' as is. So cleaning plain
+# text is only the whitespace collapse and lower-casing; tests check this on every plain character and pair.
+_NEEDS_FULL_CLEAN = re.compile(r"[^\t\n\x20-\x25\x27-\x7e]")
+
+
+class TokenizerOverflowError(ValueError):
+    """A text has more tokens than the context length and the overflow policy is ``'error'``."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible map from the 256 byte values to printable characters (the BPE's base symbols).
+
+    Printable Latin-1 bytes map to themselves; the other 68 (controls, space, NBSP, soft hyphen) map in byte
+    order to U+0100 onwards. The dict's order is the order of the first 256 vocabulary ids.
+    """
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # '!'..'~', '¡'..'¬', '®'..'ÿ'
+    others = [b for b in range(256) if b not in set(printable)]
+    mapping = {b: chr(b) for b in printable}
+    mapping.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return mapping
+
+
+@dataclass(frozen=True)
+class _Vocab:
+    """The BPE tables, loaded once per process and shared by every tokenizer."""
+
+    encoder: dict[str, int]  # vocabulary string -> id
+    id_to_bytes: tuple[bytes, ...]  # id -> its UTF-8 bytes ('</w>' kept literally, as OpenAI decodes)
+    byte_ids: tuple[int, ...]  # byte value -> id of its symbol inside a word
+    byte_end_ids: tuple[int, ...]  # byte value -> id of its symbol ending a word ('</w>' variant)
+    merges: dict[tuple[int, int], tuple[int, int]]  # (left id, right id) -> (merge rank, merged id)
+
+
+@lru_cache(maxsize=1)
+def _load_vocab() -> _Vocab:
+    lines = gzip.decompress(BPE_PATH.read_bytes()).decode("utf-8").split("\n")
+    merge_pairs = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
+    byte_symbols = bytes_to_unicode()
+    vocab = list(byte_symbols.values())
+    vocab += [symbol + END_OF_WORD for symbol in vocab]
+    vocab += ["".join(pair) for pair in merge_pairs]
+    vocab += [SOT_TEXT, EOT_TEXT]
+    encoder = {token: i for i, token in enumerate(vocab)}
+    if len(encoder) != len(vocab) or len(vocab) != 49_408 or any(len(p) != 2 for p in merge_pairs):
+        raise RuntimeError(f"{BPE_PATH} is not CLIP's merges file (the vocabulary is not 49,408 unique)")
+    merges = {
+        (encoder[left], encoder[right]): (rank, encoder[left + right])
+        for rank, (left, right) in enumerate(merge_pairs)
+    }
+    byte_values = {symbol: b for b, symbol in byte_symbols.items()}
+    id_to_bytes = tuple(bytes(byte_values[ch] for ch in token) for token in vocab)
+    return _Vocab(
+        encoder=encoder,
+        id_to_bytes=id_to_bytes,
+        byte_ids=tuple(encoder[byte_symbols[b]] for b in range(256)),
+        byte_end_ids=tuple(encoder[byte_symbols[b] + END_OF_WORD] for b in range(256)),
+        merges=merges,
+    )
+
+
+def _bpe(word: str, vocab: _Vocab) -> list[int]:
+    """Byte-level BPE of one pre-token: repeatedly merge every occurrence of the lowest-ranked adjacent pair."""
+    if word in (SOT_TEXT, EOT_TEXT):
+        return [vocab.encoder[word]]
+    data = word.encode("utf-8")
+    symbols = [vocab.byte_ids[b] for b in data[:-1]]
+    symbols.append(vocab.byte_end_ids[data[-1]])
+    merges = vocab.merges
+    while len(symbols) > 1:
+        best_rank, best_pair, merged_id = NUM_MERGES, (0, 0), 0
+        for pair in pairwise(symbols):
+            merge = merges.get(pair)
+            if merge is not None and merge[0] < best_rank:
+                best_pair, (best_rank, merged_id) = pair, merge
+        if best_rank == NUM_MERGES:
+            break
+        left, right = best_pair
+        merged: list[int] = []
+        i, n = 0, len(symbols)
+        while i < n:  # left to right, non-overlapping
+            if i + 1 < n and symbols[i] == left and symbols[i + 1] == right:
+                merged.append(merged_id)
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+# Separates texts in the joined batch string; a plain-ASCII text cannot contain it, so it is its own chunk.
+_TEXT_BREAK = "\x00"
+_TEXT_BREAK_IDS = np.array([-1], dtype=np.int32).tobytes()
+
+
+def _chunk_ids(chunk: str, vocab: _Vocab) -> bytes:
+    """Token ids (native int32 bytes) of one space-free chunk of cleaned text: pre-tokenize, then BPE."""
+    words = _PRETOKENIZE.findall(chunk)
+    return np.array(list(chain.from_iterable(_bpe(word, vocab) for word in words)), dtype=np.int32).tobytes()
+
+
+class _ChunkCache(dict):
+    """Cleaned space-free chunk (e.g. ``"cat."``) -> its ids as int32 bytes; filled on a miss, cleared when full.
+
+    Exact because no pre-token contains a space and the regex has no anchors or look-behind, so the
+    pre-tokens of a cleaned text are the concatenation of those of its space-separated chunks. The key
+    ``_TEXT_BREAK`` is reserved: it maps to -1, which marks text boundaries in a batch.
+    """
+
+    max_size = 1 << 17
+
+    def __init__(self, vocab: _Vocab) -> None:
+        super().__init__({_TEXT_BREAK: _TEXT_BREAK_IDS})
+        self.vocab = vocab
+
+    def __missing__(self, chunk: str) -> bytes:
+        if chunk == _TEXT_BREAK:  # only after clear(), e.g. by another thread
+            return _TEXT_BREAK_IDS
+        ids = _chunk_ids(chunk, self.vocab)
+        if len(self) >= self.max_size:
+            self.clear()  # a bound, not an LRU: refilling costs one BPE run per distinct chunk
+            self[_TEXT_BREAK] = _TEXT_BREAK_IDS
+        self[chunk] = ids
+        return ids
+
+    def ids_of(self, chunks: list[str]) -> bytes:
+        """Concatenated ids of the chunks of one cleaned text (the reserved key is never looked up)."""
+        if _TEXT_BREAK in chunks:
+            return b"".join(_chunk_ids(chunk, self.vocab) for chunk in chunks)
+        return b"".join(map(self.__getitem__, chunks))
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's cleaning: ``ftfy.fix_text``, HTML-unescape twice, collapse whitespace, lower-case."""
+    if _NEEDS_FULL_CLEAN.search(text) is None:  # exact shortcut, see _NEEDS_FULL_CLEAN
+        return " ".join(text.split()).lower()
+    return _full_clean(text)
+
+
+def _full_clean(text: str) -> str:
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+class Tokenizer:
+    """CLIP byte-level BPE tokenizer, id-for-id equal to OpenAI's (and open_clip's ``SimpleTokenizer``).
+
+    ``tokenizer(texts)`` returns a LongTensor [N, context_length]: each row ``[sot] + ids + [eot]`` then zeros.
+    Texts longer than ``context_length`` are handled by ``on_overflow``: ``'truncate'`` keeps the first
+    ``context_length - 1`` tokens, puts the end token last, counts it in ``num_truncated`` and logs a warning;
+    ``'error'`` raises :class:`TokenizerOverflowError`.
+    """
+
+    def __init__(
+        self, context_length: int = 77, on_overflow: Literal["truncate", "error"] = "truncate"
+    ) -> None:
+        self.context_length = _check_context_length(context_length)
+        if on_overflow not in ("truncate", "error"):
+            raise ValueError(f"on_overflow must be 'truncate' or 'error', got {on_overflow!r}")
+        self.on_overflow = on_overflow
+        self.num_tokenized = 0  # texts passed through __call__
+        self.num_truncated = 0  # of those, texts cut to fit the context length
+        self._setup()
+
+    def _setup(self) -> None:
+        self._vocab = _load_vocab()
+        self._chunks = _ChunkCache(self._vocab)
+        self.vocab_size = len(self._vocab.encoder)
+        self.sot_token_id = self._vocab.encoder[SOT_TEXT]
+        self.eot_token_id = self._vocab.encoder[EOT_TEXT]
+
+    # Pickle only the settings and counters: the tables are reloaded (once per process), the cache starts empty.
+    def __getstate__(self) -> dict[str, Any]:
+        keep = ("context_length", "on_overflow", "num_tokenized", "num_truncated")
+        return {key: self.__dict__[key] for key in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(context_length={self.context_length}, on_overflow={self.on_overflow!r})"
+
+    def _text_ids(self, text: str) -> bytes:
+        """Token ids of one text (no start/end tokens) as native int32 bytes."""
+        return self._chunks.ids_of(clean_text(text).split())
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, without start/end tokens and without truncation."""
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
+        return np.frombuffer(self._chunks.ids_of(clean_text(text).split()), dtype=np.int32).tolist()
+
+    def decode(self, ids: Iterable[int] | torch.Tensor | np.ndarray) -> str:
+        """Text of token ids [L], as OpenAI decodes it: '</w>' becomes a space, special tokens appear verbatim.
+
+        Padding zeros are id 0 ('!'), so slice a row of ``__call__``'s output at its end token first.
+        """
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
+            ids = ids.tolist()
+        ids = [operator.index(i) for i in ids]  # ints of any kind (numpy too); floats are a TypeError
+        id_to_bytes = self._vocab.id_to_bytes
+        bad = [i for i in ids if not 0 <= i < len(id_to_bytes)]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is not in the vocabulary [0, {len(id_to_bytes)})")
+        data = b"".join([id_to_bytes[i] for i in ids])
+        return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """Tokenize a text or a batch of N texts into a LongTensor [N, context_length], zero-padded."""
+        if isinstance(texts, str):
+            texts = [texts]
+        elif not isinstance(texts, Sequence):
+            if not isinstance(texts, Iterable):
+                raise TypeError(f"Tokenizer expects a str or a sequence of str, got {type(texts).__name__}")
+            texts = list(texts)
+        if context_length is None:
+            context_length = self.context_length
+        _check_context_length(context_length)
+        if len(texts) <= 4:  # a few texts (e.g. one per DataLoader sample): plain loops beat numpy set-up
+            return self._tokenize_few(texts, context_length)
+        rows, lengths, ids = self._encode_batch(texts)
+        return self._pack(rows, lengths, ids, context_length)
+
+    def _tokenize_few(self, texts: Sequence[str], context_length: int) -> torch.Tensor:
+        """Same result as ``_encode_batch`` + ``_pack``, one text at a time."""
+        try:
+            token_ids = [self._text_ids(text) for text in texts]
+        except TypeError:
+            _check_types(texts)
+            raise
+        lengths = np.array([len(ids) // 4 for ids in token_ids], dtype=np.int64)
+        self._apply_overflow_policy(lengths, context_length)
+        out = np.zeros((len(texts), context_length), dtype=np.int64)
+        for row, (ids, length) in enumerate(zip(token_ids, lengths.tolist())):
+            length = min(length, context_length - 2)
+            out[row, 1 : length + 1] = np.frombuffer(ids, dtype=np.int32)[:length]
+            out[row, length + 1] = self.eot_token_id
+        out[:, 0] = self.sot_token_id
+        return torch.from_numpy(out)
+
+    def _apply_overflow_policy(self, lengths: np.ndarray, context_length: int) -> None:
+        """Count texts of ``lengths`` [N] ids that do not fit, then raise (``'error'``) or warn once."""
+        overflow = np.flatnonzero(lengths > context_length - 2)
+        if overflow.size:
+            first = int(overflow[0])
+            if self.on_overflow == "error":
+                raise TokenizerOverflowError(
+                    f"text {first} has {lengths[first] + 2} tokens (including start and end tokens), more "
+                    f"than context_length={context_length}. Shorten the text, pass a larger context_length, or "
+                    f"use on_overflow='truncate' to keep the first {context_length - 1} tokens and end with the "
+                    f"end token."
+                )
+            before = self.num_truncated
+            self.num_truncated += int(overflow.size)
+            # Every truncation is counted (num_truncated; the trainer reports it per run). The log warns when the
+            # running total first reaches 1, 10, 100, ... so a long run is not drowned in identical lines.
+            milestone = 10 ** len(str(max(before, 1))) if before else 1
+            level = logging.WARNING if self.num_truncated >= milestone else logging.DEBUG
+            logger.log(
+                level,
+                "truncated %d of %d texts to context_length=%d tokens (the longest had %d; the first was text "
+                "%d); %d truncated by this tokenizer so far",
+                overflow.size,
+                len(lengths),
+                context_length,
+                int(lengths[overflow].max()) + 2,
+                first,
+                self.num_truncated,
+            )
+        self.num_tokenized += len(lengths)
+
+    def _encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ids of all texts, each text's ids contiguous but texts in any order.
+
+        Returns the text index of each run [N], its length [N], and the ids [total] (int32).
+        """
+        search = _NEEDS_FULL_CLEAN.search
+        try:
+            all_plain = search("\n".join(texts)) is None
+        except TypeError:
+            _check_types(texts)
+            raise
+        if all_plain:
+            plain_rows, plain, other_rows, other = np.arange(len(texts)), texts, np.arange(0), []
+        else:
+            is_plain = np.fromiter((search(text) is None for text in texts), dtype=bool, count=len(texts))
+            plain_rows, other_rows = np.flatnonzero(is_plain), np.flatnonzero(~is_plain)
+            plain = [texts[i] for i in plain_rows.tolist()]
+            other = [texts[i] for i in other_rows.tolist()]
+        plain_lengths, plain_ids = self._encode_plain(plain)
+        # Everything else through OpenAI's full cleaning (ftfy), one text at a time.
+        other_ids = [self._chunks.ids_of(_full_clean(text).split()) for text in other]
+        other_lengths = np.fromiter(map(len, other_ids), dtype=np.int64, count=len(other_ids)) // 4
+        rows = np.concatenate([plain_rows, other_rows])
+        ids = np.concatenate([plain_ids, np.frombuffer(b"".join(other_ids), dtype=np.int32)])
+        return rows, np.concatenate([plain_lengths, other_lengths]), ids
+
+    def _encode_plain(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Lengths [N] and concatenated ids [total] of plain-ASCII texts, in one pass over a joined string.
+
+        Cleaning them is ``" ".join(text.split()).lower()``; lower() acts per character on ASCII, so it
+        commutes with the whitespace collapse, and split() yields the chunks. A text break is a chunk of
+        its own (no plain text contains it) whose id -1 marks where each text ends.
+        """
+        if not texts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+        chunks = f" {_TEXT_BREAK} ".join(texts).lower().split()
+        ids = np.frombuffer(b"".join(map(self._chunks.__getitem__, chunks)), dtype=np.int32)
+        breaks = np.flatnonzero(ids < 0)
+        lengths = np.diff(np.concatenate([[-1], breaks, [len(ids)]])) - 1
+        return lengths, (np.delete(ids, breaks) if len(breaks) else ids)
+
+    def _pack(
+        self, rows: np.ndarray, lengths: np.ndarray, ids: np.ndarray, context_length: int
+    ) -> torch.Tensor:
+        """Rows ``[sot] + ids + [eot]`` zero-padded into a LongTensor [N, context_length], applying the policy.
+
+        ``rows`` [N] is the text index of each run of ``lengths`` [N] ids in ``ids`` [total] (vectorized).
+        """
+        n = len(rows)
+        room = context_length - 2  # ids that fit between the start and end tokens
+        text_lengths = np.zeros(n, dtype=np.int64)
+        text_lengths[rows] = lengths
+        self._apply_overflow_policy(text_lengths, context_length)
+        starts = np.cumsum(lengths) - lengths  # where each run begins in ids
+        # index in out.ravel() of every id: its row's offset, plus 1 for the start token, plus its place in the run
+        target = np.repeat(rows * context_length + 1 - starts, lengths) + np.arange(len(ids))
+        if text_lengths.max(initial=0) > room:
+            keep = np.arange(len(ids)) - np.repeat(starts, lengths) < room
+            target, ids = target[keep], ids[keep]
+            np.minimum(text_lengths, room, out=text_lengths)
+        out = np.zeros((n, context_length), dtype=np.int64)
+        out.ravel()[target] = ids
+        out[:, 0] = self.sot_token_id
+        out[np.arange(n), text_lengths + 1] = self.eot_token_id
+        return torch.from_numpy(out)
+
+
+def _check_types(texts: Sequence[Any]) -> None:
+    """Raise a TypeError naming the first text that is not a str (called once cleaning has failed)."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {i} is a {type(text).__name__}, not a str")
+
+
+def _check_context_length(context_length: int) -> int:
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+        raise ValueError(
+            f"context_length must be an int >= 2 (room for the start and end tokens), got {context_length!r}"
+        )
+    return context_length
