@@ -198,9 +198,9 @@ def test_cls_members_classes_txt_and_damaged_shards(tmp_path):
 
 
 def test_worker_order_cache_and_fingerprint(tmp_path, caplog, monkeypatch):
-    import clipforge.eval.datasets as datasets_module
+    import clipforge.eval.dataset as dataset_module
 
-    monkeypatch.setattr(datasets_module, "_RECORDS_PER_UNIT", 4)  # 10 units, so 2 workers interleave
+    monkeypatch.setattr(dataset_module, "_RECORDS_PER_UNIT", 4)  # 10 units, so 2 workers interleave
     root = _tree(tmp_path / "digits")
     model = clipforge.create_model("tiny").eval()
     dataset = open_eval_dataset(root)
