@@ -33,11 +33,11 @@ from clipforge.config import get_model_config
 from clipforge.data.sources import open_source, write_shards
 from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
 from clipforge.losses import ContrastiveLoss
-from clipforge.model import create_model
+from clipforge.model import CLIP, create_model
 from clipforge.objectives.contrastive import compute_gradients
 from clipforge.tokenizer import Tokenizer
 from clipforge.train.config import DataConfig, OptimConfig
-from clipforge.train.loop import train_loader
+from clipforge.train.data import train_loader
 from clipforge.train.optim import build_optimizer
 from clipforge.train.step import apply_update
 from clipforge.transforms import get_transforms
@@ -130,7 +130,7 @@ def training_step(model, batch: int, precision: str, device):
         loss = compute_gradients(
             model, loss_fn, [(images, tokens)], lambda: autocast_context(precision, device)
         )
-        apply_update(model, optimizer, loss, 1.0)
+        apply_update(model, optimizer, loss, 1.0, after_update=CLIP.clamp_logit_scale_)
 
     return step
 

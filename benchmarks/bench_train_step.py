@@ -30,6 +30,7 @@ from torch import nn
 
 from clipforge.config import get_model_config
 from clipforge.losses import ContrastiveLoss
+from clipforge.model import CLIP
 from clipforge.objectives.contrastive import compute_gradients
 from clipforge.tokenizer import Tokenizer
 from clipforge.train.config import OptimConfig
@@ -80,7 +81,7 @@ def clipforge_step(model, images, tokens, precision, device) -> Callable[[], Non
         loss = compute_gradients(
             model, loss_fn, [(images, tokens)], lambda: autocast_context(precision, device)
         )
-        apply_update(model, optimizer, loss, GRAD_CLIP)
+        apply_update(model, optimizer, loss, GRAD_CLIP, after_update=CLIP.clamp_logit_scale_)
 
     return step
 

@@ -20,7 +20,7 @@ from clipforge.data.skipguard import SkipGuard, SkipPolicy, StreamFailure
 from clipforge.data.stream import SampleDecoder, TrainStream
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import TrainingError, resolve_train_config, train
-from clipforge.train.loop import next_batch, train_loader
+from clipforge.train.data import next_batch, train_loader
 from clipforge.transforms import get_transforms
 from tests.datasets import digits_table
 

@@ -11,7 +11,7 @@ import torch
 from clipforge.config import ConfigError
 from clipforge.losses import ContrastiveLoss
 from clipforge.model import create_model
-from clipforge.objectives.contrastive import compute_gradients
+from clipforge.objectives.contrastive import ContrastiveObjective, compute_gradients
 from clipforge.train.config import OptimConfig, TrainConfig, parse_override, resolve_train_config
 from clipforge.train.optim import build_optimizer, decays, lr_factor
 from clipforge.train.step import apply_update
@@ -73,7 +73,7 @@ def test_apply_update_skips_non_finite_and_clamps_scale():
     with torch.no_grad():
         model.logit_scale.fill_(math.log(500.0))
     loss = compute_gradients(model, ContrastiveLoss(), [(random_images(4, 32), random_tokens(4, 32))])
-    result = apply_update(model, optimizer, loss, grad_clip=0.5)
+    result = apply_update(model, optimizer, loss, grad_clip=0.5, after_update=ContrastiveObjective().after_update)
     assert result.applied and result.grad_norm > 0
     assert model.logit_scale.exp().item() <= 100.0 + 1e-4
 

@@ -58,7 +58,9 @@ def test_short_run_on_real_images_learns(tmp_path):
     assert summary.skipped == {} and summary.nonfinite_steps == 0
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "model.safetensors"):
         assert (run / name).is_file(), name
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000040.pt", "step_00000080.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000040.pt", "step_00000040.sha256", "step_00000080.pt", "step_00000080.sha256",
+    ]  # fmt: skip
     assert json.loads((run / "summary.json").read_text())["steps"] == 80
     model = load_checkpoint(run / "model.safetensors")
     assert model.config.name == "tiny"
@@ -169,5 +171,7 @@ def test_time_limit_stops_early_with_a_checkpoint_and_the_model(tmp_path, shards
     summary = train(config)
     assert summary.stopped_early and summary.steps == 1 and summary.samples_seen == 8
     assert (tmp_path / "timed" / "model.safetensors").is_file()
-    assert [p.name for p in (tmp_path / "timed" / "checkpoints").iterdir()] == ["step_00000001.pt"]
+    assert sorted(p.name for p in (tmp_path / "timed" / "checkpoints").iterdir()) == [
+        "step_00000001.pt", "step_00000001.sha256",
+    ]  # fmt: skip
     assert [r["step"] for r in read_metrics(tmp_path / "timed")] == [1]

@@ -12,7 +12,7 @@ from clipforge.checkpoint import CheckpointError
 from clipforge.cli import data, demo, experiment, models, train, use
 from clipforge.cli import eval as eval_cli
 from clipforge.distributed import DistributedError
-from clipforge.train import TrainingError
+from clipforge.train import Preempted, TrainingError
 
 _COMMAND_MODULES = (models, train, data, experiment, use, eval_cli, demo)
 
@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:  # a checkpoint was written; 128 + the signal, as a shell reports a signalled job
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_status
     except (TrainingError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

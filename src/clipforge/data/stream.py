@@ -57,6 +57,8 @@ class Batch(NamedTuple):
     partition: int
     position: int  # samples that have left this partition's shuffle buffer after this batch
     counts: dict[str, int]
+    # Each sample's (source name, key within the source: "shard-000003.tar/000123", "pairs.csv:17"), in order.
+    keys: tuple[tuple[str, str], ...] = ()
 
 
 class PassEnd(NamedTuple):
@@ -273,6 +275,7 @@ class TrainStream(IterableDataset):
         counts: Counter[str] = Counter()
         images: list[torch.Tensor] = []
         captions: list[str] = []
+        keys: list[tuple[str, str]] = []
         truncated_before = getattr(self.tokenizer, "num_truncated", 0)
         for source, item in items:
             if isinstance(item, PassEnd):
@@ -292,6 +295,7 @@ class TrainStream(IterableDataset):
                 else:
                     images.append(decoded[0])
                     captions.append(decoded[1])
+                    keys.append((self.sources[source].name, item.key))
             if failure is not None:
                 yield failure
                 return
@@ -301,9 +305,9 @@ class TrainStream(IterableDataset):
                 if truncated > truncated_before:
                     counts["truncated_caption"] += truncated - truncated_before
                     truncated_before = truncated
-                yield Batch(torch.stack(images), tokens, part, position, dict(counts))
+                yield Batch(torch.stack(images), tokens, part, position, dict(counts), tuple(keys))
                 counts.clear()
-                images, captions = [], []
+                images, captions, keys = [], [], []
 
 
 def default_weights(sources: Sequence[Source]) -> list[float]:

@@ -8,7 +8,7 @@ from clipforge.objectives.base import Objective, ZeroShotScorer, accumulate_grad
 from clipforge.objectives.captioning import CaptioningObjective, CaptionModel
 from clipforge.objectives.contrastive import ContrastiveObjective
 from clipforge.objectives.io import load_model, save_model
-from clipforge.objectives.registry import OBJECTIVES, get_objective
+from clipforge.objectives.registry import OBJECTIVES, get_objective, objective_for
 
 __all__ = [
     "OBJECTIVES",
@@ -22,5 +22,6 @@ __all__ = [
     "accumulate_gradients",
     "get_objective",
     "load_model",
+    "objective_for",
     "save_model",
 ]

@@ -19,6 +19,7 @@ from clipforge.objectives.base import (
     Autocast,
     MicroBatch,
     Tokenizer,
+    TowerlessObjective,
     ZeroShotScorer,
     accumulate_gradients,
     build_image_tower,
@@ -67,10 +68,11 @@ def bag_of_words_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     return -(target * torch.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
-class BagOfWordsObjective:
+class BagOfWordsObjective(TowerlessObjective):
     name = "bag_of_words"
 
     def build_model(self, config: ModelConfig) -> BagOfWordsModel:
+        self.check_model_config(config)
         return BagOfWordsModel(config)
 
     def compute_gradients(

@@ -1,21 +1,23 @@
 """What every training objective provides, and the plain gradient accumulation the non-contrastive ones share.
 
-An objective decides three things and nothing else: the model it trains (an image tower plus its own head), the
-gradient of its loss over a step's micro-batches, and how that model classifies images zero-shot from class
-names. The run loop (:mod:`clipforge.train.loop`), the data stream, the optimizer, checkpoints and evaluation
-hooks are the same for all objectives.
+An objective decides these things and nothing else: its options (read from the run's config by
+``from_train_config``), the model it trains (an image tower plus its own head) and whether that model can start
+from a checkpoint, the gradient of its loss over a step's micro-batches, what must happen after each update
+(CLIP's logit-scale clamp), and how that model classifies images zero-shot from class names. The run loop
+(:mod:`clipforge.train.loop`), the data stream, the optimizer, checkpoints and evaluation hooks are the same for
+all objectives.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from clipforge.config import ModelConfig
+from clipforge.config import ConfigError, ModelConfig
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images [b, 3, S, S], tokens [b, L])
 Autocast = Callable[[], contextlib.AbstractContextManager] | None
@@ -32,6 +34,11 @@ class ZeroShotScorer(Protocol):
 class Objective(Protocol):
     name: str
 
+    @classmethod
+    def from_train_config(cls, config: Any) -> Objective:
+        """The objective with the options a :class:`~clipforge.train.config.TrainConfig` gives it."""
+        ...
+
     def build_model(self, config: ModelConfig) -> nn.Module:
         """A randomly initialised model for ``config`` with ``.config``, ``encode_image`` and
         ``set_grad_checkpointing`` (so tokenizer, transforms and the trainer work unchanged)."""
@@ -47,11 +54,46 @@ class Objective(Protocol):
         """Accumulate into ``.grad`` the gradient of the loss over the step's whole batch; return the loss."""
         ...
 
+    def init_from(self, model: nn.Module, path: str) -> None:
+        """Load the weights of checkpoint ``path`` into ``model`` (``init_from``), or raise ConfigError."""
+        ...
+
+    def after_update(self, model: nn.Module) -> None:
+        """Called on the bare model after every optimizer step that was applied or skipped."""
+        ...
+
     def zero_shot_scorer(
         self, model: nn.Module, tokenizer: Tokenizer, classnames: Sequence[str], templates: Sequence[str]
     ) -> ZeroShotScorer:
         """A scorer for these classes with the model's current weights (call under ``torch.no_grad()``)."""
         ...
+
+
+class TowerlessObjective:
+    """What the objectives that build their own image tower and head share: no pretrained towers, no CLIP
+    checkpoint to start from, nothing to do after an update, no options."""
+
+    name = ""
+
+    @classmethod
+    def from_train_config(cls, config: Any) -> TowerlessObjective:
+        return cls()
+
+    def check_model_config(self, config: ModelConfig) -> None:
+        if config.vision.tower or config.text.tower:
+            raise ConfigError(
+                f"objective '{self.name}' builds its own towers; pretrained towers (vision.tower, text.tower) are "
+                "for the contrastive objective"
+            )
+
+    def init_from(self, model: nn.Module, path: str) -> None:
+        raise ConfigError(
+            f"init_from: only the contrastive objective can start from a CLIP checkpoint, not objective "
+            f"'{self.name}'"
+        )
+
+    def after_update(self, model: nn.Module) -> None:
+        return None
 
 
 def accumulate_gradients(

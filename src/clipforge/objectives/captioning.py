@@ -21,6 +21,7 @@ from clipforge.objectives.base import (
     Autocast,
     MicroBatch,
     Tokenizer,
+    TowerlessObjective,
     ZeroShotScorer,
     accumulate_gradients,
     build_image_tower,
@@ -88,13 +89,14 @@ class CaptionModel(nn.Module):
         return -(picked * mask).sum() / mask.sum().clamp_min(1)
 
 
-class CaptioningObjective:
+class CaptioningObjective(TowerlessObjective):
     name = "captioning"
 
     def __init__(self, prefix_tokens: int = 4) -> None:
         self.prefix_tokens = prefix_tokens
 
     def build_model(self, config: ModelConfig) -> CaptionModel:
+        self.check_model_config(config)
         return CaptionModel(config, self.prefix_tokens)
 
     def compute_gradients(

@@ -15,7 +15,9 @@ cosine similarity (:func:`clipforge.eval.zeroshot.build_classifier`).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,8 @@ from clipforge.distributed import unwrap
 from clipforge.losses import ContrastiveLoss, SigmoidLoss, caption_ids
 from clipforge.model import CLIP
 from clipforge.objectives.base import Autocast, MicroBatch, Tokenizer, ZeroShotScorer
+
+log = logging.getLogger("clipforge.train")
 
 # (image_features, text_features, logit_scale, **extra) -> loss. Extra keywords, passed only when needed:
 # logit_bias (the model has one) and caption_ids (the loss has ``multi_positive`` set).
@@ -57,6 +61,32 @@ class ContrastiveObjective:
         else:
             raise ConfigError(f"loss.kind: unknown loss {loss!r}; use 'softmax' or 'sigmoid'")
         self.kind = loss
+
+    @classmethod
+    def from_train_config(cls, config: Any) -> ContrastiveObjective:
+        """Options from a :class:`~clipforge.train.config.TrainConfig`: ``loss.*`` and ``loss_chunk_size``."""
+        loss = config.loss
+        return cls(
+            chunk_size=config.loss_chunk_size or None,
+            loss=loss.kind,
+            label_smoothing=loss.label_smoothing,
+            multi_positive=loss.multi_positive,
+        )
+
+    def init_from(self, model: nn.Module, path: str) -> None:
+        """Start from a CLIP checkpoint's weights; a softmax CLIP's has no ``logit_bias`` and a SigLIP model keeps
+        its initial one."""
+        from clipforge.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path, config=model.config).state_dict()
+        if getattr(model, "logit_bias", None) is not None and "logit_bias" not in state:
+            state["logit_bias"] = model.logit_bias.detach().clone()
+            log.info("init_from: %s has no logit_bias; it starts at %g", path, float(state["logit_bias"]))
+        model.load_state_dict(state)
+
+    def after_update(self, model: nn.Module) -> None:
+        """The paper's clip of the learned temperature: the logit scale stays at most 100."""
+        model.clamp_logit_scale_(100.0)
 
     def build_model(self, config: ModelConfig) -> CLIP:
         if self.kind == "softmax" and config.init_logit_bias is not None:

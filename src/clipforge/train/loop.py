@@ -1,53 +1,49 @@
-"""The contrastive pretraining run: set-up, resume, the step loop, logging, checkpoints, and the run summary.
+"""The contrastive pretraining run, in three visible phases: build the run (:meth:`_Trainer.build`), one training
+step (:meth:`_Trainer.step`), and the loop that calls the logger, the evaluation hooks and the checkpointer
+(:meth:`_Trainer.run`), then the summary (:meth:`_Trainer.finish`).
 
 One entry point, :func:`train`, used by ``clipforge train`` and by Python callers. Launch several processes with
-``torchrun --nproc_per_node N -m clipforge train ...``; only rank 0 logs and writes files.
+``torchrun --nproc_per_node N -m clipforge train ...``; only rank 0 logs and writes files. SIGTERM / SIGINT stop
+the run after the current step with a checkpoint (:mod:`clipforge.train.preempt`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import math
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-from clipforge.checkpoint import load_checkpoint
-from clipforge.checkpoint.towers import fill_tower_weights, split_tower_weights
-from clipforge.config import ConfigError, apply_overrides, get_model_config, merge
-from clipforge.data.skipguard import SkipPolicy, StreamFailure
+from clipforge.config import ConfigError, apply_overrides
+from clipforge.data.skipguard import StreamFailure
 from clipforge.data.sources import open_source
-from clipforge.data.stream import Batch, SampleDecoder, TrainStream, default_weights
-from clipforge.device import autocast_context, intra_op_threads, resolve_device
-from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard, unwrap
-from clipforge.model import CLIP
-from clipforge.objectives import get_objective, save_model
-from clipforge.tokenizer import get_tokenizer
+from clipforge.data.stream import Batch, default_weights
+from clipforge.device import intra_op_threads
+from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard
+from clipforge.objectives import objective_for, save_model
 from clipforge.train import checkpoint as ckpt
-from clipforge.train.config import TrainConfig, loss_model_defaults, train_config_from_dict
-from clipforge.train.lock import apply_locks
+from clipforge.train import setup
+from clipforge.train.config import TrainConfig, train_config_from_dict
+from clipforge.train.data import build_batches, next_batch
+from clipforge.train.errors import Preempted, TrainingError
+from clipforge.train.feature_cache import FeatureCache
 from clipforge.train.optim import build_optimizer, build_scheduler
+from clipforge.train.preempt import StopSignals, agreed_signal, agreed_time_over
 from clipforge.train.report import MetricsWriter, write_loss_plot
-from clipforge.train.step import apply_update, freeze_temperature
-from clipforge.transforms import get_transforms
+from clipforge.train.state import Counters, Optimization, checkpoint_payload, global_counts, restore
+from clipforge.train.step import UpdateResult, apply_update
 
 log = logging.getLogger("clipforge.train")
 
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. the loss kept being non-finite); the message says why and what to do."""
+__all__ = ["Hook", "HookContext", "Preempted", "RunSummary", "TrainingError", "train"]
 
 
 @dataclass
@@ -89,9 +85,10 @@ def train(
 ) -> RunSummary:
     """Run contrastive pretraining as ``config`` says, or resume a run; returns the summary rank 0 writes.
 
-    ``resume``: a run folder (its newest checkpoint) or a training checkpoint file. A resumed run uses the
+    ``resume``: a run folder (its newest intact checkpoint) or a training checkpoint file. A resumed run uses the
     config saved in the checkpoint; ``overrides`` (dotted keys) may change only the run length (``steps``,
-    ``epochs``) and ``run.*`` settings, since anything else would break the exact continuation.
+    ``epochs``) and ``run.*`` settings, since anything else would break the exact continuation. Raises
+    :class:`TrainingError` when the run cannot go on, :class:`Preempted` after SIGTERM / SIGINT.
     """
     if config is None and resume is None:
         raise ConfigError("train() needs a config, or resume= a run folder or checkpoint")
@@ -102,14 +99,41 @@ def train(
             return trainer.run()
 
 
-def _training_device(requested: str, env: DistEnv) -> torch.device:
-    """``device`` ("auto", "cpu", "cuda") resolved; on a GPU, this rank's GPU under torchrun."""
-    device = resolve_device(requested)
-    if device.type == "cpu":
-        return device
-    if not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but no GPU is available; use device=auto or cpu")
-    return env.device if env.device.type == "cuda" else device
+@dataclass
+class _Run:
+    """A built run: what the step and the loop work on."""
+
+    model: nn.Module  # the bare model (saved, evaluated)
+    ddp_model: nn.Module  # what the step runs: the model, DistributedDataParallel-wrapped with several ranks
+    optim: Optimization
+    batches: Iterator[Batch | StreamFailure]
+    caches: dict[str, FeatureCache]
+    metrics: MetricsWriter
+    bar: Any  # tqdm, or None
+    autocast: Callable[[], Any] | None
+    dataset_size: int | None
+    planned_steps: int
+    total_steps: int  # planned_steps, or fewer once run.time_limit_s ran out
+    counters: Counters
+    start_step: int
+    started: float = field(default_factory=time.perf_counter)
+    last_loss: float | None = None
+    bad_in_a_row: int = 0
+    saved_step: int = -1  # the step of the newest checkpoint this process wrote
+
+
+@dataclass
+class _Step:
+    loss: float
+    update: UpdateResult
+    keys: list[tuple[str, str]]  # the samples of the step's batch on this rank: (source, key)
+
+
+class _Interval:
+    """The steps since the last metrics line: their mean loss and throughput."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.start = 0.0, 0, time.perf_counter()
 
 
 class _Trainer:
@@ -126,101 +150,48 @@ class _Trainer:
         self.resume_path: Path | None = None
         self.state: dict[str, Any] | None = None
         if resume is not None:
-            self.resume_path = ckpt.resolve_resume(Path(resume))
-            self.state = ckpt.load_training_checkpoint(self.resume_path)
-            config = _resumed_config(self.state, overrides)
+            self.resume_path, self.state = ckpt.load_resume(Path(resume))
+            config = setup.resumed_config(self.state, overrides)
         elif overrides:
             config = train_config_from_dict(
                 apply_overrides(config.to_dict(), overrides, ("model_overrides",))
             )
         assert config is not None
         self.config = config
-        self.device = _training_device(config.device, env)
-        loss = config.loss
-        options = (
-            {"chunk_size": config.loss_chunk_size or None, "loss": loss.kind,
-             "label_smoothing": loss.label_smoothing, "multi_positive": loss.multi_positive}
-            if config.objective == "contrastive" else {}
-        )  # fmt: skip
-        self.objective = get_objective(config.objective, **options)
-        self.run_dir = self._run_dir()
+        self.device = setup.training_device(config.device, env)
+        self.objective = objective_for(config)
+        self.run_dir = setup.run_folder(config, env, self.resume_path)
 
-    # ------------------------------------------------------------------------------------------------------
-    def run(self) -> RunSummary:
+    # -- phase 1: build the run -----------------------------------------------------------------------------
+    def build(self) -> _Run:
         cfg, env = self.config, self.env
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        objective = self.objective
-        model_config = get_model_config(cfg.model)
-        model_overrides = {**loss_model_defaults(cfg, model_config), **_nested(cfg.model_overrides)}
-        if model_overrides:
-            model_config = merge(model_config, model_overrides)
-        if cfg.objective != "contrastive" and (model_config.vision.tower or model_config.text.tower):
-            raise ConfigError(f"objective '{cfg.objective}' builds its own towers; pretrained towers (vision.tower, "
-                              "text.tower) are for the contrastive objective")  # fmt: skip
-        model = objective.build_model(model_config)
-        if cfg.init_from:
-            if not isinstance(model, CLIP):
-                raise ConfigError(f"init_from: only the contrastive objective can start from a CLIP checkpoint, not "
-                                  f"objective '{cfg.objective}'")  # fmt: skip
-            state = load_checkpoint(cfg.init_from, config=model.config).state_dict()
-            if getattr(model, "logit_bias", None) is not None and "logit_bias" not in state:
-                state["logit_bias"] = model.logit_bias.detach().clone()  # a softmax CLIP starts a SigLIP run
-                log.info(
-                    "init_from: %s has no logit_bias; it starts at %g",
-                    cfg.init_from,
-                    float(state["logit_bias"]),
-                )
-            model.load_state_dict(state)
-        caches = apply_locks(model, cfg.lock)
-        if not cfg.loss.learn_temperature:
-            freeze_temperature(model)
-        model.set_grad_checkpointing(cfg.grad_checkpointing)
-        model.to(self.device).train()
-
+        model, caches = setup.build_model(cfg, self.objective, self.device)
         sources = [open_source(spec) for spec in cfg.data.train]
-        weights = list(cfg.data.weights) or default_weights(sources)
-        dataset_size = _dataset_size(sources)
-        total_steps = self._total_steps(dataset_size)
-        micro = self._micro_batch_size()
-
+        dataset_size = setup.dataset_size(sources)
+        total_steps = setup.total_steps(cfg, dataset_size)
         optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
-        scaler = self._grad_scaler()
-        start_step, samples_seen, positions, counts, nonfinite_total = 0, 0, {}, Counter(), 0
+        optim = Optimization(
+            optimizer, build_scheduler(optimizer, total_steps, cfg.optim), setup.grad_scaler(cfg, self.device)
+        )
+        counters = Counters()
         if self.state is not None:
-            start_step, samples_seen, positions, counts, nonfinite_total = self._restore(
-                model, optimizer, scheduler, scaler
-            )
+            assert self.resume_path is not None
+            counters = restore(self.state, model, optim, cfg, env, self.resume_path)
         ddp_model = model if env.world_size == 1 else DistributedDataParallel(model)
-
-        tokenizer = get_tokenizer(model)
-        deterministic_images = "image" in caches  # a cached image's tensor must be the same every epoch
-        if deterministic_images:
+        deterministic = "image" in caches  # a cached image's tensor must be the same every epoch
+        if deterministic:
             log.info(
                 "lock: image features are cached, so training images use the eval transform (no random crop)"
             )
-        decoder = SampleDecoder(
-            get_transforms(model, train=not deterministic_images),
-            caption=cfg.data.caption,
-            max_pixels=cfg.data.max_pixels,
-            fill_color=model.config.preprocess.fill_color,
-            caption_guard=True,
-            tag_dropout=cfg.data.tag_dropout,
-            tag_shuffle=cfg.data.tag_shuffle,
-        )
-        stream = TrainStream(
-            sources, weights, decoder, tokenizer,
-            batch_size=micro, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-            start_batch=start_step * cfg.accum_steps, positions=positions,
-            skip_policy=SkipPolicy(cfg.data.max_skip_fraction, cfg.data.skip_window),
+        batches = build_batches(
+            cfg, model, sources, list(cfg.data.weights) or default_weights(sources), env, self.device,
+            micro_batch_size=setup.micro_batch_size(cfg, env), start_step=counters.step,
+            positions=counters.positions, deterministic_images=deterministic,
         )  # fmt: skip
-        batches = iter(train_loader(stream, cfg.data.num_workers, self.device, cfg.data.loader_timeout_s))
         if self.state is not None:  # after iter(): the DataLoader draws its base seed from torch's RNG
             ckpt.set_rng_state(self.state["rng"])
-
         metrics = MetricsWriter(
-            self.run_dir, enabled=env.is_main, resume_step=start_step if self.state else None
+            self.run_dir, enabled=env.is_main, resume_step=counters.step if self.state else None
         )
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,317 +199,230 @@ class _Trainer:
             log.info(
                 "run %s: %s, %d steps of %d pairs (%d ranks x %d micro-batches of %d), %s",
                 self.run_dir, model.config.name, total_steps, cfg.data.batch_size, env.world_size,
-                cfg.accum_steps, micro, f"{dataset_size:,} pairs per epoch" if dataset_size else "size unknown",
+                cfg.accum_steps, setup.micro_batch_size(cfg, env),
+                f"{dataset_size:,} pairs per epoch" if dataset_size else "size unknown",
             )  # fmt: skip
-        progress = _progress(total_steps, start_step, enabled=env.is_main and cfg.run.progress)
-        autocast = self._autocast()
-        started, interval_start = time.perf_counter(), time.perf_counter()
-        interval_loss, interval_steps, consecutive_bad, last_loss = 0.0, 0, 0, None
-        step = start_step
-        planned_steps = total_steps
-        for step in range(start_step, planned_steps):
-            if step >= total_steps:
-                break
-            micro_batches = []
-            for _ in range(cfg.accum_steps):
-                batch = next_batch(batches, step, self.run_dir)
-                positions[batch.partition] = batch.position
-                counts.update(batch.counts)
-                micro_batches.append((batch.images.to(self.device), batch.tokens.to(self.device)))
-            loss = objective.compute_gradients(
-                ddp_model, micro_batches, autocast, scaler.scale if scaler is not None else None
-            )
-            result = apply_update(ddp_model, optimizer, loss, cfg.optim.grad_clip, scaler)
-            with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
-                warnings.filterwarnings(
-                    "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
-                )
-                scheduler.step()
-            samples_seen += cfg.data.batch_size
-            if result.applied:
-                consecutive_bad = 0
-                interval_loss += float(loss)
-                interval_steps += 1
-            else:
-                consecutive_bad += 1
-                nonfinite_total += 1
-                log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step + 1,
-                            consecutive_bad)  # fmt: skip
-                if consecutive_bad >= cfg.run.max_nonfinite:
-                    raise TrainingError(
-                        f"stopping at step {step + 1}: the loss or gradient was not finite for {consecutive_bad} "
-                        "steps in a row; lower optim.lr, use precision=fp32/bf16 instead of fp16, or check the "
-                        f"data. Checkpoints so far are in {self.run_dir / 'checkpoints'}"
-                    )
-            done = step + 1
-            if cfg.run.time_limit_s and done < total_steps and _out_of_time(started, cfg.run.time_limit_s):
-                log.warning("run.time_limit_s=%g reached after %d of %d steps; stopping early", cfg.run.time_limit_s,
-                            done, total_steps)  # fmt: skip
-                total_steps = done  # the last step: logged, checkpointed and summarised as the end of the run
-            if progress is not None:
-                progress.update(1)
-            if done % cfg.run.log_every == 0 or done == total_steps:
-                elapsed = time.perf_counter() - interval_start
-                mean_loss = all_reduce_mean(torch.tensor(interval_loss / max(1, interval_steps))).item()
-                last_loss = mean_loss
-                record = {
-                    "step": done,
-                    "samples": samples_seen,
-                    "epoch": samples_seen / dataset_size if dataset_size else None,
-                    "loss": mean_loss,
-                    "logit_scale": _logit_scale(unwrap(ddp_model)),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": result.grad_norm,
-                    "samples_per_s": interval_steps * cfg.data.batch_size / max(elapsed, 1e-9),
-                    "skipped": self._global_counts(counts),
-                    "nonfinite_steps": nonfinite_total,
-                }
-                if caches:
-                    record["feature_cache"] = {tower: cache.stats() for tower, cache in caches.items()}
-                metrics.write(record)
-                if progress is not None:
-                    progress.set_postfix(
-                        loss=f"{mean_loss:.3f}", scale=f"{record['logit_scale'] or 0:.1f}", lr=f"{record['lr']:.2e}",
-                        pairs_s=f"{record['samples_per_s']:.0f}",
-                    )  # fmt: skip
-                interval_loss, interval_steps, interval_start = 0.0, 0, time.perf_counter()
-            if cfg.run.eval_every and done % cfg.run.eval_every == 0:
-                self._run_hooks(unwrap(ddp_model), done, samples_seen, metrics)
-            if done % cfg.run.checkpoint_every == 0 or done == total_steps:
-                self._save(unwrap(ddp_model), optimizer, scheduler, scaler, done, samples_seen, positions, counts,
-                           nonfinite_total)  # fmt: skip
-        if progress is not None:
-            progress.close()
-        wall = time.perf_counter() - started
-        summary = RunSummary(
-            run_dir=str(self.run_dir),
-            steps=total_steps,
-            stopped_early=total_steps < planned_steps,
-            samples_seen=samples_seen,
-            epochs=samples_seen / dataset_size if dataset_size else None,
-            final_loss=last_loss,
-            wall_time_s=wall,
-            samples_per_s=(total_steps - start_step) * cfg.data.batch_size / max(wall, 1e-9),
-            skipped=self._global_counts(counts),
-            nonfinite_steps=nonfinite_total,
-            resumed_from=str(self.resume_path) if self.resume_path else None,
-            feature_cache={tower: cache.stats() for tower, cache in caches.items()},
+        bar = _progress(total_steps, counters.step, enabled=env.is_main and cfg.run.progress)
+        return _Run(
+            model, ddp_model, optim, batches, caches, metrics, bar, setup.autocast_for(cfg, self.device),
+            dataset_size, total_steps, total_steps, counters, start_step=counters.step,
+        )  # fmt: skip
+
+    # -- phase 2: one training step -------------------------------------------------------------------------
+    def step(self, run: _Run) -> _Step:
+        """Fetch the step's micro-batches, accumulate the gradient, update; counters move only once the whole
+        batch is in hand, so a step dropped by a failing loader leaves them at the last finished step."""
+        cfg, counters = self.config, run.counters
+        batches = [next_batch(run.batches, counters.step, self.run_dir) for _ in range(cfg.accum_steps)]
+        for batch in batches:
+            counters.positions[batch.partition] = batch.position
+            counters.counts.update(batch.counts)
+        micro_batches = [(b.images.to(self.device), b.tokens.to(self.device)) for b in batches]
+        scaler = run.optim.scaler
+        loss = self.objective.compute_gradients(
+            run.ddp_model, micro_batches, run.autocast, scaler.scale if scaler is not None else None
         )
-        if env.is_main:
-            model_path = save_model(unwrap(ddp_model), self.run_dir / "model.safetensors", cfg.objective)
-            summary.model_path = str(model_path)
-            (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-            write_loss_plot(self.run_dir)
-            skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items())) or "none"
-            log.info("done: %d steps, final loss %s, skipped: %s; model %s", total_steps,
-                     f"{last_loss:.4f}" if last_loss is not None else "n/a", skipped, model_path)  # fmt: skip
-            for tower, stats in summary.feature_cache.items():
-                log.info("feature cache (%s tower): %d hits, %d misses, %d entries, %.1f MB, %d evicted", tower,
-                         stats["hits"], stats["misses"], stats["entries"], stats["bytes"] / 2**20, stats["evicted"])  # fmt: skip
-        return summary
-
-    # ------------------------------------------------------------------------------------------------------
-    def _run_dir(self) -> Path:
-        if self.resume_path is not None:
-            return self.resume_path.parent.parent
-        cfg = self.config
-        name = cfg.run.name or f"{Path(cfg.model).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if self.env.world_size > 1:  # every rank must agree on the (timestamped) name
-            holder = [name]
-            dist.broadcast_object_list(holder, src=0)
-            name = holder[0]
-        run_dir = Path(cfg.run.output_dir) / name
-        if self.env.is_main and ckpt.list_checkpoints(run_dir):
-            raise ConfigError(
-                f"{run_dir} already holds checkpoints of a run; resume it with --resume latest, or choose another "
-                "run.name / run.output_dir"
-            )
-        return run_dir
-
-    def _total_steps(self, dataset_size: int | None) -> int:
-        cfg = self.config
-        if cfg.steps:
-            return cfg.steps
-        if not dataset_size:
-            raise ConfigError(
-                "epochs needs the dataset size, which these sources do not record (no manifest.json); set steps"
-            )
-        return max(1, math.ceil(cfg.epochs * dataset_size / cfg.data.batch_size))
-
-    def _micro_batch_size(self) -> int:
-        cfg = self.config
-        per_step = self.env.world_size * cfg.accum_steps
-        if cfg.data.batch_size % per_step:
-            raise ConfigError(
-                f"data.batch_size {cfg.data.batch_size} must be divisible by ranks x accum_steps = {per_step}"
-            )
-        return cfg.data.batch_size // per_step
-
-    def _grad_scaler(self) -> torch.amp.GradScaler | None:
-        if self.config.precision != "fp16":
-            return None
-        if self.device.type != "cuda":
-            raise ConfigError(
-                "precision: fp16 needs a GPU (it uses a grad scaler); on the CPU use bf16 or fp32"
-            )
-        return torch.amp.GradScaler("cuda")
-
-    def _autocast(self) -> Callable[[], Any] | None:
-        if self.config.precision == "fp32":
-            return None
-        return functools.partial(autocast_context, self.device, self.config.precision)
-
-    def _restore(self, model, optimizer, scheduler, scaler) -> tuple[int, int, dict[int, int], Counter, int]:
-        state = self.state
-        assert state is not None
-        data = state["data"]
-        cfg = self.config
-        if (data["world_size"], data["num_workers"]) != (self.env.world_size, cfg.data.num_workers):
-            raise ConfigError(
-                f"exact resume needs the same ranks x data workers as the saved run ({data['world_size']} x "
-                f"{data['num_workers']}), not {self.env.world_size} x {cfg.data.num_workers}: the data stream is "
-                "split by both. Relaunch with the saved numbers (--set data.num_workers=...)"
-            )
-        model.load_state_dict(
-            fill_tower_weights(model, state["model"], state.get("towers", {}), self.resume_path)
+        update = apply_update(
+            run.ddp_model, run.optim.optimizer, loss, cfg.optim.grad_clip, scaler, self.objective.after_update
         )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        counts = Counter(state["counts"]) if self.env.is_main else Counter()
-        positions = {int(k): int(v) for k, v in data["positions"].items()}
-        log.info("resumed from %s at step %d", self.resume_path, state["step"])
-        return state["step"], state["samples_seen"], positions, counts, state["nonfinite_steps"]
+        with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+            warnings.filterwarnings(
+                "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+            )
+            run.optim.scheduler.step()
+        counters.step += 1
+        counters.samples_seen += cfg.data.batch_size
+        return _Step(float(loss), update, [key for batch in batches for key in batch.keys])
 
-    def _global_counts(self, counts: Counter) -> dict[str, int]:
-        if self.env.world_size == 1:
-            return dict(sorted(counts.items()))
-        gathered: list[dict[str, int]] = [{} for _ in range(self.env.world_size)]
-        dist.all_gather_object(gathered, dict(counts))
-        total: Counter[str] = Counter()
-        for part in gathered:
-            total.update(part)
-        return dict(sorted(total.items()))
+    # -- phase 3: the loop ----------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        run = self.build()
+        cfg, counters, interval = self.config, run.counters, _Interval()
+        with StopSignals() as signals:
+            while counters.step < run.total_steps:
+                try:
+                    result: _Step | None = self.step(run)
+                except TrainingError:
+                    if signals.signum is None:
+                        raise
+                    result = None  # a loader worker died with the signal: this step is dropped
+                if result is not None:
+                    self._check_finite(run, result, interval)
+                    self._apply_time_limit(run)
+                    if run.bar is not None:
+                        run.bar.update(1)
+                    done = counters.step
+                    if done % cfg.run.log_every == 0 or done == run.total_steps:
+                        self._log(run, result, interval)
+                        interval = _Interval()
+                    if cfg.run.eval_every and done % cfg.run.eval_every == 0:
+                        self._run_hooks(run)
+                    if done % cfg.run.checkpoint_every == 0 or done == run.total_steps:
+                        self._save(run)
+                signum = agreed_signal(signals, self.device)
+                if signum and counters.step < run.total_steps:
+                    raise Preempted(signum, counters.step, self._preempted_checkpoint(run))
+        return self.finish(run)
 
-    def _save(
-        self, model, optimizer, scheduler, scaler, step, samples_seen, positions, counts, nonfinite
-    ) -> None:
-        all_positions = dict(positions)
-        if self.env.world_size > 1:
-            gathered: list[dict[int, int]] = [{} for _ in range(self.env.world_size)]
-            dist.all_gather_object(gathered, positions)
-            for part in gathered:
-                all_positions.update(part)
-        total_counts = self._global_counts(counts)
-        if not self.env.is_main:
+    # -- what the loop calls --------------------------------------------------------------------------------
+    def _apply_time_limit(self, run: _Run) -> None:
+        """Once ``run.time_limit_s`` has passed, the step just taken becomes the last: logged, checkpointed and
+        summarised as the end of the run."""
+        done, limit = run.counters.step, self.config.run.time_limit_s
+        if agreed_time_over(run.started, limit, self.device) and done < run.total_steps:
+            log.warning("run.time_limit_s=%g reached after %d of %d steps; stopping early", limit, done,
+                        run.total_steps)  # fmt: skip
+            run.total_steps = done
+
+    def _check_finite(self, run: _Run, result: _Step, interval: _Interval) -> None:
+        """Count the step's loss into the interval, or count it as skipped; too many in a row stop the run."""
+        if result.update.applied:
+            run.bad_in_a_row = 0
+            interval.loss += result.loss
+            interval.steps += 1
             return
-        cfg = self.config
-        model_state, towers = split_tower_weights(model)  # tensors still equal to a tower package's stay out
-        payload = {
-            "config": cfg.to_json(),
-            "model_config": model.config.to_json(),
-            "samples_seen": samples_seen,
-            "model": model_state,
-            "towers": towers,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": ckpt.rng_state(),
-            "data": {
-                "positions": {str(k): v for k, v in sorted(all_positions.items())},
-                "world_size": self.env.world_size,
-                "num_workers": cfg.data.num_workers,
-            },
-            "counts": total_counts,
-            "nonfinite_steps": nonfinite,
-        }
-        path = ckpt.save_training_checkpoint(self.run_dir, step, payload, cfg.run.keep_last)
-        log.debug("saved %s", path)
+        run.bad_in_a_row += 1
+        run.counters.nonfinite_steps += 1
+        step = run.counters.step
+        log.warning(
+            "step %d: non-finite loss or gradient; update skipped (%d in a row)", step, run.bad_in_a_row
+        )
+        if run.bad_in_a_row >= self.config.run.max_nonfinite:
+            keys = self.run_dir / f"nonfinite-step_{step:08d}-rank_{self.env.rank}.json"
+            keys.parent.mkdir(parents=True, exist_ok=True)
+            keys.write_text(
+                json.dumps({"step": step, "rank": self.env.rank, "samples": result.keys}, indent=1)
+            )
+            first = ", ".join(f"{source} {key}" for source, key in result.keys[:3])
+            raise TrainingError(
+                f"stopping at step {step}: the loss or gradient was not finite for {run.bad_in_a_row} steps in a "
+                f"row; lower optim.lr, use precision=fp32/bf16 instead of fp16, or check the data. The last "
+                f"batch's {len(result.keys)} samples on this rank are listed in {keys} (first: {first}). "
+                f"Checkpoints so far are in {self.run_dir / 'checkpoints'}"
+            )
 
-    def _run_hooks(self, model: nn.Module, step: int, samples_seen: int, metrics: MetricsWriter) -> None:
+    def _log(self, run: _Run, result: _Step, interval: _Interval) -> None:
+        cfg, counters = self.config, run.counters
+        elapsed = time.perf_counter() - interval.start
+        mean_loss = all_reduce_mean(torch.tensor(interval.loss / max(1, interval.steps))).item()
+        run.last_loss = mean_loss
+        record = {
+            "step": counters.step,
+            "samples": counters.samples_seen,
+            "epoch": counters.samples_seen / run.dataset_size if run.dataset_size else None,
+            "loss": mean_loss,
+            "logit_scale": _logit_scale(run.model),
+            "lr": run.optim.scheduler.get_last_lr()[0],
+            "grad_norm": result.update.grad_norm,
+            "samples_per_s": interval.steps * cfg.data.batch_size / max(elapsed, 1e-9),
+            "skipped": global_counts(counters.counts, self.env),
+            "nonfinite_steps": counters.nonfinite_steps,
+        }
+        if run.caches:
+            record["feature_cache"] = {tower: cache.stats() for tower, cache in run.caches.items()}
+        run.metrics.write(record)
+        if run.bar is not None:
+            run.bar.set_postfix(
+                loss=f"{mean_loss:.3f}", scale=f"{record['logit_scale'] or 0:.1f}", lr=f"{record['lr']:.2e}",
+                pairs_s=f"{record['samples_per_s']:.0f}",
+            )  # fmt: skip
+
+    def _run_hooks(self, run: _Run) -> None:
         if not self.hooks:
             return
+        model, counters = run.model, run.counters
         if self.env.is_main:
             model.eval()
-            record: dict[str, Any] = {"step": step, "samples": samples_seen}
+            record: dict[str, Any] = {"step": counters.step, "samples": counters.samples_seen}
             with torch.no_grad():
                 for hook in self.hooks:
-                    record.update(hook(HookContext(model, step, samples_seen, self.run_dir)) or {})
-            metrics.write(record, kind="eval")
+                    context = HookContext(model, counters.step, counters.samples_seen, self.run_dir)
+                    record.update(hook(context) or {})
+            run.metrics.write(record, kind="eval")
             model.train()
         if self.env.world_size > 1:
-            dist.barrier()
+            torch.distributed.barrier()
 
-
-_RESUME_CHANGEABLE = ("steps", "epochs", "run.")
-
-
-def _resumed_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """The saved config with the allowed ``overrides`` (run length and run.* settings) applied."""
-    saved = json.loads(state["config"])
-    for key in overrides:
-        if not key.startswith(_RESUME_CHANGEABLE):
-            raise ConfigError(
-                f"cannot change '{key}' when resuming: an exact continuation needs the saved model, data and "
-                "optimiser settings; only steps, epochs and run.* may change"
+    def _save(self, run: _Run) -> Path:
+        """Checkpoint the current step (a collective); a failed write (disk full) stops the run, the previous
+        checkpoint intact."""
+        step = run.counters.step
+        payload = checkpoint_payload(run.model, run.optim, run.counters, self.config, self.env)
+        path = ckpt.checkpoint_path(self.run_dir, step)
+        if payload is None:
+            run.saved_step = step
+            return path
+        previous = ckpt.list_checkpoints(self.run_dir)
+        try:
+            ckpt.save_training_checkpoint(self.run_dir, step, payload, self.config.run.keep_last)
+        except OSError as exc:
+            kept = (
+                f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
             )
-    if "steps" in overrides or "epochs" in overrides:
-        saved["steps"], saved["epochs"] = 0, 0.0
-    return train_config_from_dict(apply_overrides(saved, overrides), where="resumed config")
+            raise TrainingError(
+                f"stopping at step {step}: could not write the checkpoint {path} ({exc.strerror or exc}); nothing "
+                f"partial was left and {kept}. Free space on {self.run_dir} (or move the run folder), then "
+                "--resume latest"
+            ) from exc
+        run.saved_step = step
+        log.debug("saved %s", path)
+        return path
 
+    def _preempted_checkpoint(self, run: _Run) -> Path | None:
+        """The checkpoint holding the last finished step, written now unless it already exists (None: a fresh run
+        that took no step)."""
+        if run.bar is not None:
+            run.bar.close()
+        step = run.counters.step
+        if step == run.saved_step:
+            return ckpt.checkpoint_path(self.run_dir, step)
+        if step == run.start_step:
+            return self.resume_path
+        return self._save(run)
 
-def _nested(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Dotted model overrides ({"vision.layers": 2}) as create_model keyword arguments."""
-    nested: dict[str, Any] = {}
-    for key, value in overrides.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        else:
-            nested[head] = value
-    return nested
+    # -- phase 4: the summary -------------------------------------------------------------------------------
+    def finish(self, run: _Run) -> RunSummary:
+        if run.bar is not None:
+            run.bar.close()
+        counters, cfg = run.counters, self.config
+        wall = time.perf_counter() - run.started
+        summary = RunSummary(
+            run_dir=str(self.run_dir),
+            steps=run.total_steps,
+            stopped_early=run.total_steps < run.planned_steps,
+            samples_seen=counters.samples_seen,
+            epochs=counters.samples_seen / run.dataset_size if run.dataset_size else None,
+            final_loss=run.last_loss,
+            wall_time_s=wall,
+            samples_per_s=(run.total_steps - run.start_step) * cfg.data.batch_size / max(wall, 1e-9),
+            skipped=global_counts(counters.counts, self.env),
+            nonfinite_steps=counters.nonfinite_steps,
+            resumed_from=str(self.resume_path) if self.resume_path else None,
+            feature_cache={tower: cache.stats() for tower, cache in run.caches.items()},
+        )
+        if self.env.is_main:
+            self._write_results(run, summary)
+        return summary
 
-
-def _dataset_size(sources) -> int | None:
-    sizes = [s.num_samples() for s in sources]
-    return sum(sizes) if all(sizes) else None
-
-
-def train_loader(
-    stream: TrainStream, num_workers: int, device: torch.device, timeout_s: float = 0.0
-) -> Iterator[Batch | StreamFailure]:
-    """The trainer's DataLoader over ``stream`` (batches come pre-built; ``benchmarks/bench_data_pipeline.py``
-    times this same loader). ``timeout_s`` > 0: a worker that delivers nothing for that long raises."""
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers else None,
-        persistent_workers=False,
-        timeout=timeout_s if num_workers else 0,
-    )
-
-
-def next_batch(batches: Iterator[Batch | StreamFailure], step: int, run_dir: Path) -> Batch:
-    """The next batch for step ``step`` (0-based), or a :class:`TrainingError` when the data cannot give one: the
-    skip guard stopped the stream, or a loader worker died or went silent for ``data.loader_timeout_s``."""
-    saved = f"Checkpoints so far are in {run_dir / 'checkpoints'}" if step else "No step was taken"
-    try:
-        batch = next(batches)
-    except RuntimeError as error:
-        text = str(error)
-        if "DataLoader worker" not in text and "DataLoader timed out" not in text:
-            raise
-        raise TrainingError(
-            f"stopping at step {step + 1}: a data-loader worker failed ({text.splitlines()[0]}). A worker killed "
-            "by a signal is most often out of memory: lower data.num_workers or data.shuffle_buffer; one that "
-            f"timed out (data.loader_timeout_s) is stuck reading its data. {saved}."
-        ) from error
-    if isinstance(batch, StreamFailure):
-        raise TrainingError(f"stopping at step {step + 1}: {batch.message} {saved}.")
-    return batch
+    def _write_results(self, run: _Run, summary: RunSummary) -> None:
+        try:
+            summary.model_path = str(
+                save_model(run.model, self.run_dir / "model.safetensors", self.config.objective)
+            )
+            (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+            write_loss_plot(self.run_dir)
+        except OSError as exc:
+            raise TrainingError(
+                f"the run finished but its results could not be written to {self.run_dir} ({exc.strerror or exc});"
+                f" the last checkpoint is intact: free space, then --resume latest writes them again"
+            ) from exc
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary.skipped.items())) or "none"
+        last = f"{run.last_loss:.4f}" if run.last_loss is not None else "n/a"
+        log.info("done: %d steps, final loss %s, skipped: %s; model %s", summary.steps, last, skipped,
+                 summary.model_path)  # fmt: skip
+        for tower, stats in summary.feature_cache.items():
+            log.info("feature cache (%s tower): %d hits, %d misses, %d entries, %.1f MB, %d evicted", tower,
+                     stats["hits"], stats["misses"], stats["entries"], stats["bytes"] / 2**20, stats["evicted"])  # fmt: skip
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -552,11 +436,3 @@ def _progress(total: int, initial: int, enabled: bool):
 def _logit_scale(model: nn.Module) -> float | None:
     scale = getattr(model, "logit_scale", None)
     return float(scale.detach().exp()) if scale is not None else None
-
-
-def _out_of_time(started: float, limit_s: float) -> bool:
-    """Whether ``limit_s`` has passed since ``started`` (agreed by all ranks: rank 0's clock decides)."""
-    flag = torch.tensor([float(time.perf_counter() - started > limit_s)])
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())

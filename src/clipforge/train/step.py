@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from clipforge.distributed import unwrap
 
 def freeze_temperature(model: nn.Module) -> None:
     """Keep the logit scale (and bias) at their current values: no gradient, so no optimizer ever holds them.
-    The trainer's clamp to 100 still applies."""
+    The contrastive objective's clamp to 100 still applies."""
     for name in ("logit_scale", "logit_bias"):
         param = getattr(model, name, None)
         if isinstance(param, nn.Parameter):
@@ -33,8 +34,10 @@ def apply_update(
     loss: torch.Tensor,
     grad_clip: float | None,
     scaler: torch.amp.GradScaler | None = None,
+    after_update: Callable[[nn.Module], None] | None = None,
 ) -> UpdateResult:
-    """Clip, check finiteness (agreed across ranks), step, zero the gradients, clamp the logit scale."""
+    """Clip, check finiteness (agreed across ranks), step, zero the gradients, then ``after_update(bare model)``
+    (the objective's hook: CLIP clamps its logit scale)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
@@ -53,7 +56,6 @@ def apply_update(
     elif applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    inner = unwrap(model)
-    if hasattr(inner, "clamp_logit_scale_"):  # the contrastive objective's temperature
-        inner.clamp_logit_scale_(100.0)
+    if after_update is not None:
+        after_update(unwrap(model))
     return UpdateResult(applied, float(grad_norm))
