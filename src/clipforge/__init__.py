@@ -11,6 +11,7 @@ Public API::
 from clipforge.checkpoint import export_checkpoint, load_checkpoint, save_checkpoint
 from clipforge.config import ModelConfig, get_model_config, list_models
 from clipforge.model import CLIP, CLIPOutput, create_model
+from clipforge.model.layers import fast_paths
 from clipforge.tokenizer import Tokenizer, TokenizerOverflowError, get_tokenizer
 from clipforge.transforms import get_transforms
 from clipforge.version import __version__
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "create_model",
     "export_checkpoint",
+    "fast_paths",
     "get_model_config",
     "get_tokenizer",
     "get_transforms",

@@ -1,10 +1,14 @@
 """Layers both towers use: activations, multi-head attention, the MLP, the pre-LN residual block and the stack,
-plus position-embedding resampling."""
+plus position-embedding resampling, and the named switch for the inference fast paths (:func:`fast_paths`)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -28,13 +32,31 @@ def make_activation(name: str) -> nn.Module:
     raise ValueError(f"unknown activation '{name}'; use 'quick_gelu' or 'gelu'")
 
 
-def inference_only(module: nn.Module) -> bool:
-    """Eval mode and no autograd: where the towers take their inference-only fast paths (packed text, pooled
-    last block). Training, and anything that needs gradients, runs the plain padded computation, so that a
-    no-grad pass in train mode (the trainer's cached-feature pass) reproduces the gradient pass bit for bit:
-    the fast paths give the same values only up to float32 rounding, and their index ops are slow to
-    back-propagate on the CPU (profiled: scatter_add took 16% of a bf16 training step)."""
-    return not module.training and not torch.is_grad_enabled()
+_FAST_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "clipforge_fast_paths", default=os.environ.get("CLIPFORGE_FAST_PATHS", "1") != "0"
+)
+
+
+@contextlib.contextmanager
+def fast_paths(enabled: bool) -> Iterator[None]:
+    """Turn the towers' inference fast paths on or off inside the block (per thread / async context); the
+    default is on, ``CLIPFORGE_FAST_PATHS=0`` makes it off. Off, inference runs the reference computation, the
+    one training runs, line for line. The parity tests run both ways (``tests/test_fast_paths.py``)."""
+    token = _FAST_PATHS.set(enabled)
+    try:
+        yield
+    finally:
+        _FAST_PATHS.reset(token)
+
+
+def use_fast_paths(module: nn.Module) -> bool:
+    """Whether ``module`` takes its inference fast paths (text: packed real tokens, no padding; ViT: patches as
+    one matrix product, the last block pooled to the class token): the :func:`fast_paths` switch is on, the
+    module is in eval mode and autograd is off. Training, and anything that needs gradients, runs the reference
+    padded computation, so that a no-grad pass in train mode (the trainer's cached-feature pass) reproduces the
+    gradient pass bit for bit: the fast paths give the same values only up to float32 rounding, and their index
+    ops are slow to back-propagate on the CPU (profiled: scatter_add took 16% of a bf16 training step)."""
+    return _FAST_PATHS.get() and not module.training and not torch.is_grad_enabled()
 
 
 def attention(

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from clipforge.config import TextConfig
-from clipforge.model.layers import Packing, Transformer, inference_only, resample_sequence_pos_embed
+from clipforge.model.layers import Packing, Transformer, resample_sequence_pos_embed, use_fast_paths
 
 # Attention runs on groups of texts of similar length (see Packing); a group's fixed cost, in padded tokens. On
 # the CPU a group costs a few kernel launches (thread-pool wake-ups: milliseconds on a busy machine), a padded
@@ -55,18 +55,22 @@ class TextTransformer(nn.Module):
         if tokens.shape[0] == 0:
             return self.proj(self.norm_final(self.token_embed(tokens.new_zeros(0))))
         lengths = tokens.argmax(dim=-1) + 1  # [B]: up to and including the end token
-        if not inference_only(self):  # training: the batch cut to its longest text (see inference_only)
-            length = int(lengths.max())
-            x = self.transformer(self.token_embed(tokens[:, :length]) + self.pos_embed[:length], causal=True)
-            pooled = x[torch.arange(x.shape[0], device=x.device), lengths - 1]
-        else:
-            cost = ATTENTION_GROUP_COST.get(tokens.device.type, ATTENTION_GROUP_COST_OTHER)
-            packing = Packing(lengths, group_cost=cost)  # one host sync
-            ids = tokens[:, : packing.length].flatten()[packing.index]
-            positions = packing.index % packing.length
-            x = self.token_embed(ids) + self.pos_embed[positions]  # [T, W]: real tokens only
-            pooled = self.transformer(x, causal=True, rows=packing.last, packing=packing)  # [B, W]
+        if use_fast_paths(self):
+            return self.proj(self.norm_final(self._pooled_packed(tokens, lengths)))
+        length = int(lengths.max())  # the reference: the batch cut to its longest text, causal attention
+        x = self.transformer(self.token_embed(tokens[:, :length]) + self.pos_embed[:length], causal=True)
+        pooled = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # the end token's output
         return self.proj(self.norm_final(pooled))
+
+    def _pooled_packed(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The inference fast path (:func:`~clipforge.model.layers.use_fast_paths`): the real tokens only, packed
+        into groups of similar length, the last block computed for each end token alone; [B, W]."""
+        cost = ATTENTION_GROUP_COST.get(tokens.device.type, ATTENTION_GROUP_COST_OTHER)
+        packing = Packing(lengths, group_cost=cost)  # one host sync
+        ids = tokens[:, : packing.length].flatten()[packing.index]
+        positions = packing.index % packing.length
+        x = self.token_embed(ids) + self.pos_embed[positions]  # [T, W]: real tokens only
+        return self.transformer(x, causal=True, rows=packing.last, packing=packing)
 
     @torch.no_grad()
     def resize_context(self, context_length: int) -> None:

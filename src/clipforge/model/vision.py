@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from clipforge.config import VisionConfig
-from clipforge.model.layers import Transformer, inference_only, resample_grid_pos_embed
+from clipforge.model.layers import Transformer, resample_grid_pos_embed, use_fast_paths
 
 
 class VisionTransformer(nn.Module):
@@ -41,8 +41,9 @@ class VisionTransformer(nn.Module):
         """``patch_embed`` (a stride-p, kernel-p convolution) as one matrix product over the flattened patches:
         [B, g_h*g_w, W] plus the grid. Same arithmetic; on the CPU the product is 1.3-1.5x faster than oneDNN's
         strided convolution (ViT-B/32, batch 32, bf16 weights: ~9 vs ~25 ms). Trailing pixels that do not fill a
-        patch are dropped, as the convolution drops them. Used in inference (eval mode without autograd); training
-        runs the convolution, whose gradients the bit-level accumulation tests are written against."""
+        patch are dropped, as the convolution drops them. The inference fast path
+        (:func:`~clipforge.model.layers.use_fast_paths`); training runs the convolution, whose gradients the bit-level
+        accumulation tests are written against."""
         p = self.patch_size
         batch, channels, height, width = images.shape
         grid_h, grid_w = height // p, width // p
@@ -52,9 +53,10 @@ class VisionTransformer(nn.Module):
         return nn.functional.linear(patches, weight), grid_h, grid_w
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if inference_only(self):
+        fast = use_fast_paths(self)
+        if fast:  # the same arithmetic as the convolution, faster on the CPU
             x, grid_h, grid_w = self.embed_patches(images)  # [B, g*g, W]
-        else:  # training keeps the convolution: its gradients are the reference the accumulation tests hold to 1e-6
+        else:  # the reference (and training): the convolution, whose gradients the accumulation tests hold to 1e-6
             x = self.patch_embed(images)  # [B, W, g, g]
             grid_h, grid_w = x.shape[-2:]
             x = x.flatten(2).transpose(1, 2)
@@ -70,9 +72,9 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_dropout:
             x = drop_patches(x, self.patch_dropout)
         x = self.norm_pre(x)
-        if inference_only(self):  # the last block runs its MLP on the class token only
+        if fast:  # the last block computes queries, attention output and MLP for the class token only
             pooled = self.transformer(x, rows=torch.zeros(batch, dtype=torch.long, device=x.device))
-        else:
+        else:  # the reference: every token through every block, then the class token
             pooled = self.transformer(x)[:, 0]
         return self.proj(self.norm_post(pooled))
 
