@@ -94,7 +94,9 @@ def test_two_damaged_fall_back_twice_and_all_damaged_is_an_error(finished, tmp_p
     path, state = ckpt.load_resume(run)
     assert path.name == "step_00000002.pt" and state["step"] == 2
     _truncate(path)
-    with pytest.raises(CheckpointError, match=r"no intact training checkpoint to resume from \(.*step_00000002"):
+    with pytest.raises(
+        CheckpointError, match=r"no intact training checkpoint to resume from \(.*step_00000002"
+    ):
         ckpt.load_resume(run)
 
 
@@ -147,10 +149,16 @@ def test_disk_full_while_checkpointing_stops_cleanly(shards, tmp_path, monkeypat
     with pytest.raises(TrainingError) as caught:
         train(_config(shards, tmp_path))
     message = str(caught.value)
-    assert "stopping at step 4: could not write the checkpoint" in message and "No space left on device" in message
+    assert (
+        "stopping at step 4: could not write the checkpoint" in message
+        and "No space left on device" in message
+    )
     assert "the previous checkpoint" in message and "step_00000002.pt is intact" in message
     folder = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["step_00000002.pt", "step_00000002.sha256"]  # no partials
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step_00000002.pt",
+        "step_00000002.sha256",
+    ]  # no partials
     monkeypatch.undo()
     assert ckpt.load_resume(tmp_path / "run")[1]["step"] == 2
     assert train(resume=tmp_path / "run").steps == 6  # after freeing space the run goes on
@@ -165,12 +173,16 @@ def test_nonfinite_stop_names_the_batch_samples(tmp_path, monkeypatch, shards):
 
     monkeypatch.setattr(contrastive, "ContrastiveLoss", lambda chunk_size=None: NanLoss())
     config = _config(shards, tmp_path, **{"run.max_nonfinite": 2, "steps": 20})
-    with pytest.raises(TrainingError, match=r"stopping at step 2: the loss or gradient was not finite") as caught:
+    with pytest.raises(
+        TrainingError, match=r"stopping at step 2: the loss or gradient was not finite"
+    ) as caught:
         train(config)
     listed = tmp_path / "run" / "nonfinite-step_00000002-rank_0.json"
     assert str(listed) in str(caught.value)
     record = json.loads(listed.read_text())
     assert record["step"] == 2 and len(record["samples"]) == 8
     source, key = record["samples"][0]
-    assert source == str(shards) and key.startswith("shard-") and f"first: {source} {key}" in str(caught.value)
+    assert (
+        source == str(shards) and key.startswith("shard-") and f"first: {source} {key}" in str(caught.value)
+    )
     assert len({tuple(s) for s in record["samples"]}) == 8  # eight distinct samples, each findable again

@@ -20,7 +20,9 @@ from tests.conftest import open_clip_model, random_images, random_tokens, reduce
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=[("ViT-B-32", 2, 2), ("RN50", [1, 1, 1, 1], 2)], ids=["ViT-B-32", "RN50"])
+@pytest.fixture(
+    scope="module", params=[("ViT-B-32", 2, 2), ("RN50", [1, 1, 1, 1], 2)], ids=["ViT-B-32", "RN50"]
+)
 def pair(request):
     name, vision_layers, text_layers = request.param
     config = reduced_config(name, "quick_gelu", vision_layers, text_layers)
@@ -67,7 +69,9 @@ def test_the_switch_decides_which_path_runs(monkeypatch):
     model = create_model("tiny", vision={"layers": 1}, text={"layers": 1}).eval()
     calls = []
     original = VisionTransformer.embed_patches
-    monkeypatch.setattr(VisionTransformer, "embed_patches", lambda self, x: calls.append(1) or original(self, x))
+    monkeypatch.setattr(
+        VisionTransformer, "embed_patches", lambda self, x: calls.append(1) or original(self, x)
+    )
     images = random_images(2, model.config.vision.image_size)
     with torch.no_grad():
         model.encode_image(images)
@@ -86,7 +90,9 @@ def test_the_switch_decides_which_path_runs(monkeypatch):
 
 
 def test_environment_turns_the_fast_paths_off():
-    code = "import clipforge, torch; m = clipforge.create_model('tiny').eval(); torch.set_grad_enabled(False); "
+    code = (
+        "import clipforge, torch; m = clipforge.create_model('tiny').eval(); torch.set_grad_enabled(False); "
+    )
     code += "from clipforge.model.layers import use_fast_paths; print(use_fast_paths(m.visual))"
     env = dict(os.environ, CLIPFORGE_FAST_PATHS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
