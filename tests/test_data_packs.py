@@ -19,9 +19,10 @@ from clipforge.data.packs import (
     key_record,
     verify_dataset,
 )
+from tests.conftest import locked_import
 
-pytest.importorskip("material_design_icons_pack")
-pytest.importorskip("resvg_py")
+locked_import("material_design_icons_pack")
+locked_import("resvg_py")
 
 SMALL = {"mdi": {"limit": 12, "size": 16}}  # a real build of 12 icons takes well under a second
 
