@@ -532,6 +532,7 @@ def test_emoji_renders_with_the_real_font(tmp_path: Path) -> None:
 # digits
 
 
+@pytest.mark.slow
 def test_digits_end_to_end_matches_sklearn(tmp_path: Path) -> None:
     locked_import("sklearn", "scikit-learn")
     from sklearn.datasets import load_digits

