@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clipforge-installed
 
-.PHONY: demo test lint format clean venv
+.PHONY: demo test test-fast lint format clean venv
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q tests
+
+# The tier to run while working (about a minute on 2 cores): every test not marked slow. `make test` stays CI's.
+test-fast: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

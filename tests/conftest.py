@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import re
 import warnings
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -10,6 +14,31 @@ import torch
 from clipforge.config import ModelConfig, get_model_config, merge
 
 torch.set_num_threads(2)
+
+LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements" / "lock.txt"
+
+
+def _normalised(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def locked_import(module: str, distribution: str | None = None) -> ModuleType:
+    """Import ``module``, of a package pinned in requirements/lock.txt (``distribution``, by default the module
+    name with '-' for '_'). Missing, it fails the test instead of skipping it: the environment is not the locked
+    one (``make venv``). Only what the lock leaves out (system fonts, a GPU) may skip, with a reason."""
+    distribution = distribution or module.replace("_", "-")
+    pinned = re.findall(r"^([A-Za-z0-9_.-]+)==", LOCK_FILE.read_text(), re.MULTILINE)
+    assert _normalised(distribution) in {_normalised(name) for name in pinned}, (
+        f"{distribution} is not in {LOCK_FILE.name}: an optional package may skip, not use locked_import"
+    )
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(
+            f"{distribution} is pinned in requirements/{LOCK_FILE.name} but {module} does not import "
+            f"({exc}); install the locked environment: make venv",
+            pytrace=False,
+        )
 
 
 def reduced_config(

@@ -56,6 +56,7 @@ def test_native_round_trip_is_self_describing(tmp_path, name):
         assert torch.equal(loaded(images, tokens).image_features, model(images, tokens).image_features)
 
 
+@pytest.mark.slow
 def test_mismatched_architecture_names_key_and_shapes(tmp_path):
     path = save_checkpoint(create_model("tiny"), tmp_path / "tiny.safetensors")
     weights = read_weights(path)
@@ -78,6 +79,7 @@ def test_mismatched_architecture_names_key_and_shapes(tmp_path):
         load_weights(create_model("tiny", vision={"image_size": 64}), weights.state_dict, source=path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "layers"), [("ViT-B-32", 2), ("RN50", [1, 1, 1, 1])])
 def test_round_trip_through_openai_format(tmp_path, name, layers):
     model = create_model(reduced_config(name, "quick_gelu", layers, 2)).eval()
@@ -89,6 +91,7 @@ def test_round_trip_through_openai_format(tmp_path, name, layers):
     assert_same_weights(model, back)
 
 
+@pytest.mark.slow
 def test_openai_layout_without_activation_is_refused(tmp_path):
     model = create_model(reduced_config("ViT-B-32", "quick_gelu", 1, 1))
     path = tmp_path / "state.pt"
@@ -111,6 +114,7 @@ def test_openai_export_refuses_what_openai_would_misread(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-rn"])
 def test_round_trip_through_open_clip_folder_and_files(tmp_path, name):
     model = create_model(name).eval()
@@ -135,6 +139,7 @@ def test_round_trip_through_open_clip_folder_and_files(tmp_path, name):
         assert (reference.encode_text(tokens) - model.encode_text(tokens)).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_round_trip_through_hf_folder(tmp_path):
     model = create_model("tiny").eval()
     folder = export_checkpoint(model, tmp_path / "hf", to="hf")
@@ -153,6 +158,7 @@ def test_round_trip_through_hf_folder(tmp_path):
         load_checkpoint(tmp_path / "alone" / "w.safetensors")
 
 
+@pytest.mark.slow
 def test_open_clip_training_checkpoint(tmp_path):
     """open_clip's training checkpoints wrap a DDP state dict with epoch/optimizer entries."""
     config = reduced_config("RN50", "quick_gelu", [1, 1, 1, 1], 1)
@@ -167,6 +173,7 @@ def test_open_clip_training_checkpoint(tmp_path):
         assert (model.encode_text(tokens) - reference.encode_text(tokens)).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning")
 def test_torchscript_archive_like_openai_release(tmp_path):
     """OpenAI ships TorchScript archives; clipforge reads their tensors without running their code."""
@@ -230,6 +237,7 @@ def test_bad_files_give_clear_errors(tmp_path):
             load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_cli_convert_and_info(tmp_path, capsys):
     src = save_checkpoint(create_model("tiny"), tmp_path / "tiny.safetensors")
     assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0

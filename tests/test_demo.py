@@ -1,5 +1,6 @@
 """The main job on a short budget (`clipforge demo --quick`): the same pipeline as `make demo` — pip datasets built
-into a cache, both models trained, every evaluation — checked for a complete report with numbers in range."""
+into a cache, both models trained, every evaluation — checked for a complete report with numbers in range, and
+for a LiT model that has learned (clearly above chance in and out of its training distribution)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ def fraction(x) -> bool:
 
 def interval(x) -> bool:
     return fraction(x["value"]) and x["low"] <= x["value"] <= x["high"]
+
+
+def _lit_learned(lit: dict) -> None:
+    """The LiT model learns in the quick run's 12 steps (its pretrained towers are locked; the two projections
+    train): loss below the chance level log(batch), in-distribution retrieval and zero-shot above chance.
+
+    Measured (2026-12, 64 px): final loss 2.94 against log(32) = 3.47; text->image R@1 over the five training
+    sources' test splits 64 hits of 4,669 captions against 14.2 expected by chance (4.5x); zero-shot mean
+    per-class 0.18 (style shift, chance 0.111) and 0.097 (held-out concepts, chance 0.043). The bounds are about
+    half of each margin. (The scratch model learns nothing measurable in 12 steps: it checks the pipeline only.)
+    """
+    training = lit["training"]
+    assert training["final_loss"] < math.log(training["batch_size"]) - 0.25
+    hits = sum(r["text_to_image_R@1"] * r["captions"] for r in lit["retrieval"].values())
+    chance_hits = sum(r["captions"] / r["images"] for r in lit["retrieval"].values())
+    assert hits >= 2.5 * chance_hits, (hits, chance_hits)
+    for name, z in lit["zero_shot"].items():
+        assert z["ensemble"]["mean_per_class"]["value"] >= 1.25 * z["chance_mean_per_class"], name
 
 
 @pytest.mark.slow
@@ -48,6 +67,7 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
         assert model["digits"]["pixel_baseline"] > 0.9  # the paper's MNIST remark
         assert len(model["zero_shot_over_training"]) == 2
     assert report["models"]["lit"]["training"]["lock"] == {"text": True, "image": True}
+    _lit_learned(report["models"]["lit"])
     markdown = (out / "report.md").read_text()
     for heading in ("Zero-shot on data never trained on", "Retrieval", "linear probe", "Handwritten digits",
                     "chance", "ensemble − single"):  # fmt: skip

@@ -161,6 +161,7 @@ def two_rank_results(tmp_path_factory) -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 def test_init_distributed_reads_torchrun_env(two_rank_results):
     for rank, result in enumerate(two_rank_results):
         env = result["env"]
@@ -168,6 +169,7 @@ def test_init_distributed_reads_torchrun_env(two_rank_results):
         assert env.is_main == (rank == 0)
 
 
+@pytest.mark.slow
 def test_all_gather_with_grad_matches_single_process(two_rank_results):
     inputs = [(torch.arange(6.0).reshape(3, 2) + 10 * r).requires_grad_() for r in range(WORLD)]
     concatenated = torch.cat(inputs)
@@ -183,6 +185,7 @@ def test_all_gather_with_grad_matches_single_process(two_rank_results):
         assert torch.allclose(result["gather_grad"], inputs[rank].grad, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", [None, CHUNK])
 def test_two_ranks_with_ddp_match_one_process_on_the_whole_batch(two_rank_results, chunk, dtype):
@@ -205,6 +208,7 @@ def test_two_ranks_with_ddp_match_one_process_on_the_whole_batch(two_rank_result
     assert expected_grads["logit_scale"].abs().item() > 1e-4  # the scale's gradient is compared, not zero
 
 
+@pytest.mark.slow
 def test_unequal_local_batch_sizes_raise_naming_the_sizes(two_rank_results):
     for result in two_rank_results:
         # The loss gathers both towers at once, as one [b, 2 * D] tensor, and says so.
@@ -243,6 +247,7 @@ def _failing_worker(rank: int, world: int, port: int, out_dir: str, mode: str, f
     os._exit(0)  # the group is broken: skip destroy_process_group, which could wait on the dead peer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "failing_rank"), [("raise", 1), ("exit", 0), ("hang", 1)])
 def test_dead_or_hung_rank_makes_the_survivor_fail_fast(tmp_path, mode, failing_rank):
     survivor = 1 - failing_rank

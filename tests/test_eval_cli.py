@@ -58,6 +58,7 @@ def _results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_zeroshot_cli_matches_the_library(data, tmp_path, capsys):
     from clipforge.eval import (
         build_classifier,
@@ -116,6 +117,7 @@ def test_zeroshot_cli_on_class_folders_with_random_weights(data, tmp_path, capsy
     assert 0.0 <= results["metrics"]["top1"] <= results["metrics"]["top5"] <= 1.0
 
 
+@pytest.mark.slow
 def test_linear_probe_and_few_shot_cli(data, tmp_path, capsys):
     out = tmp_path / "probe"
     # The paper's full C search (15 fits); --max-samples and --max-iter keep it to seconds here.
@@ -135,6 +137,7 @@ def test_linear_probe_and_few_shot_cli(data, tmp_path, capsys):
     assert few["k"] == 1 and [run["seed"] for run in few["runs"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_retrieval_cli_with_two_captions_per_image(data, tmp_path, capsys):
     out = tmp_path / "retrieval"
     code, stdout, _ = _run(["retrieval", "--model", "tiny", "--data", str(data / "table" / "data.csv"),
@@ -158,6 +161,7 @@ def test_pixels_cli_learns_digits(data, tmp_path, capsys):
     assert results["details"]["probe"]["num_test"] == N_TEST
 
 
+@pytest.mark.slow
 def test_overlap_cli_finds_the_copies(data, tmp_path, capsys):
     out = tmp_path / "overlap"
     # The test shards hold exactly the test tree's images: every eval image has a copy in "training".

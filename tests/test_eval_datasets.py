@@ -197,6 +197,7 @@ def test_cls_members_classes_txt_and_damaged_shards(tmp_path):
     assert keys == [s.key for s in samples] and skipped == dataset.skipped
 
 
+@pytest.mark.slow
 def test_worker_order_cache_and_fingerprint(tmp_path, caplog, monkeypatch):
     import clipforge.eval.dataset as dataset_module
 

@@ -177,6 +177,7 @@ def test_standardize_equals_a_scaler_fit_on_the_fitting_data():
     assert result.test_accuracy == np.mean(model.predict(scaler.transform(test_x)) == test_y)
 
 
+@pytest.mark.slow
 def test_search_is_deterministic_and_accepts_torch_tensors():
     x, y = blobs(per_class=25, seed=4)
     first = search_c(x[:60], y[:60], x[60:], y[60:])
@@ -262,6 +263,7 @@ def test_sample_k_shot_takes_exactly_k_per_class_and_seeds_differ():
     )
 
 
+@pytest.mark.slow
 def test_few_shot_runs_equal_direct_fits_on_their_subsets():
     x, y = blobs(num_classes=3, per_class=30, seed=8)
     train_x, train_y, test_x, test_y = x[:60], y[:60], x[60:], y[60:]

@@ -83,6 +83,7 @@ def test_feature_errors():
         pixel_features([Image.new("L", (4, 4))], size=0)
 
 
+@pytest.mark.slow
 def test_pixel_baseline_on_digits_beats_90_percent_and_equals_direct_fit():
     images, labels = digit_images()
     train, test = np.arange(0, len(labels), 2), np.arange(1, len(labels), 2)  # a fixed split, ~900 each

@@ -267,6 +267,7 @@ def _open_clip_pair():
     return ours, clipforge.get_tokenizer(ours), reference, SimpleTokenizer(context_length=t.context_length)
 
 
+@pytest.mark.slow
 def test_open_clip_model_gives_identical_zero_shot_and_retrieval(tmp_path):
     import clipforge
     from clipforge.eval.datasets import open_eval_dataset
@@ -321,6 +322,7 @@ def _digit_tree(root: Path, n: int = 40) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_zero_shot_hook_called_directly_matches_the_library(tmp_path):
     import clipforge
     from clipforge.eval.datasets import open_eval_dataset

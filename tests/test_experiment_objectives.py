@@ -111,6 +111,7 @@ def test_zero_shot_set_rejects_bad_labels():
         ZeroShotSet(torch.zeros(2, 3, 4, 4), torch.tensor([0, 2]), ("a", "b"))
 
 
+@pytest.mark.slow
 def test_short_experiment_writes_plot_and_results(tmp_path):
     table = digits_table(tmp_path / "digits", n=96)
     images, labels = digit_images(40)

@@ -30,7 +30,15 @@ def test_registry_lists_paper_and_cpu_configs():
         assert name in names
 
 
-@pytest.mark.parametrize("name", list_models())
+def _slow(name: str) -> bool:
+    """The paper's full-size models and the pretrained-tower ones take seconds each; the fast tier runs the rest."""
+    config = get_model_config(name)
+    return name in PAPER_MODELS or config.vision.tower is not None or config.text.tower is not None
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if _slow(n) else n for n in list_models()]
+)
 def test_forward_backward_every_config(name):
     """Full width and depth; a small input (the smallest image the architecture accepts near 64 px)."""
     config = get_model_config(name)
@@ -102,6 +110,7 @@ def test_text_pools_at_end_token():
     assert torch.allclose(trained, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_same_gradients():
     images, tokens = random_images(2, 32), random_tokens(2, 32)
     grads = []

@@ -130,6 +130,7 @@ def test_accumulation_equals_one_batch(name):
         assert torch.allclose(param.grad, expected[key], atol=1e-6), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bag_of_words", "captioning"])
 def test_each_objective_trains_in_the_shared_loop(tmp_path, name):
     table = digits_table(tmp_path / "digits", n=64)

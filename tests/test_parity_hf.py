@@ -13,6 +13,8 @@ from clipforge.model import create_model
 from clipforge.model.convert import config_from_hf, config_to_hf, from_hf, to_hf
 from tests.conftest import random_images, random_tokens, reduced_config
 
+pytestmark = pytest.mark.slow  # transformers models built and compared, seconds each
+
 TOL = 1e-5
 
 with warnings.catch_warnings():

@@ -14,6 +14,8 @@ from clipforge.model import create_model
 from clipforge.model.convert import from_openai, infer_openai_config, to_openai
 from tests.conftest import open_clip_model, random_images, random_tokens, reduced_config
 
+pytestmark = pytest.mark.slow  # full-width reference models built twice, seconds each
+
 TOL = 1e-5
 
 CASES = [

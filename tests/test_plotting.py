@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -23,6 +25,7 @@ print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_figures_leave_the_users_backend_alone(tmp_path: Path) -> None:
     env = {**os.environ, "MPLBACKEND": "svg"}  # a user's choice; the library must not switch it to Agg
     done = subprocess.run(

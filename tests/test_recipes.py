@@ -409,6 +409,7 @@ def _assert_same_step(got, expected, what, tol=1e-10):
         assert err <= tol, f"{what}: grad of {name} differs by {err:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DIST_LOSSES))
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_two_ranks_match_one_process(recipe_ranks, name, chunk):
@@ -421,6 +422,7 @@ def test_two_ranks_match_one_process(recipe_ranks, name, chunk):
         _assert_same_step(result[f"{name}_{chunk}"], expected, f"rank {rank} {name} chunk {chunk}")
 
 
+@pytest.mark.slow
 def test_two_ranks_with_accumulation_match_one_process(recipe_ranks):
     images, tokens = _batch_with_duplicates()
     expected = _step(
@@ -443,6 +445,7 @@ def test_logit_bias_only_when_configured():
     assert get_model_config("tiny").init_logit_bias is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_fixed_temperature_is_unchanged_by_optimizer_steps(accum):
     torch.manual_seed(0)
@@ -478,6 +481,7 @@ def test_drop_patches_keeps_the_class_token_and_distinct_patches():
     assert kept_patches(49, 0.5) == 24 and kept_patches(49, 0.75) == 12 and kept_patches(4, 0.99) == 1
 
 
+@pytest.mark.slow
 def test_patch_dropout_in_the_vit():
     torch.manual_seed(0)
     model = create_model("tiny", vision={"patch_dropout": 0.75}).train()
@@ -522,6 +526,7 @@ def test_accumulation_replays_the_patch_dropout_draws():
         assert_close_relative(accumulated[name], param.grad, 1e-6, name)
 
 
+@pytest.mark.slow
 def test_logit_bias_and_patch_dropout_through_open_clip(tmp_path):
     """open_clip builds the bias from init_logit_bias and reads patch_dropout from vision_cfg; both come back."""
     torch.manual_seed(0)
@@ -614,6 +619,7 @@ STOCHASTIC_RECIPES = {
 }
 
 
+@pytest.mark.slow
 def test_resume_with_random_recipes_is_bitwise_identical(tmp_path):
     """Patch dropout draws from torch's RNG every step; flips, jitter and tag dropout from the per-sample
     generators. A run resumed from its step-2 checkpoint ends with exactly the uninterrupted run's weights."""
@@ -635,6 +641,7 @@ def test_resume_with_random_recipes_is_bitwise_identical(tmp_path):
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.slow
 def test_trainer_with_fixed_temperature_and_label_smoothing(tmp_path):
     table = digits_table(tmp_path / "digits", n=64)  # 30 distinct captions: duplicates in every batch
     overrides = _train_overrides(table, tmp_path, "fixed", 3, **{

@@ -117,6 +117,7 @@ def test_folder_of_unreadable_images_stops(tmp_path):
         train(config)
 
 
+@pytest.mark.slow
 def test_one_dead_source_among_good_ones_is_named(tmp_path):
     """With the share rule off, a source that never decodes still stops the run (whole-pass rule), by name."""
     good = digits_table(tmp_path / "good", n=40)
@@ -133,6 +134,7 @@ def test_one_dead_source_among_good_ones_is_named(tmp_path):
         train(config)
 
 
+@pytest.mark.slow
 def test_skips_under_the_share_train_normally(tmp_path):
     """A few broken rows among good ones are skipped and counted, and the run finishes."""
     good = digits_table(tmp_path / "good", n=30)
@@ -189,6 +191,7 @@ def test_a_worker_killed_by_a_signal_is_a_clear_error(tmp_path):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.slow
 def test_a_stalled_worker_times_out(tmp_path):
     started = time.monotonic()
     with pytest.raises(
@@ -210,6 +213,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_rank_that_never_arrives_is_named(monkeypatch, rank):
     from clipforge.distributed import DistributedError, init_distributed
@@ -236,6 +240,7 @@ def test_a_rank_that_never_arrives_is_named(monkeypatch, rank):
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.slow
 def test_no_rank_zero_to_reach_is_a_clear_error(monkeypatch):
     from clipforge.distributed import DistributedError, init_distributed
 

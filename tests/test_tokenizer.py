@@ -139,6 +139,7 @@ def tokenizer() -> Tokenizer:
 # Parity with the reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context_length", [77, 32])
 def test_batch_parity_with_open_clip(reference, corpus, context_length):
     ours = Tokenizer()(corpus, context_length=context_length)
@@ -148,12 +149,14 @@ def test_batch_parity_with_open_clip(reference, corpus, context_length):
     assert not mismatched, f"{len(mismatched)} texts differ, first: {corpus[mismatched[0]]!r}"
 
 
+@pytest.mark.slow
 def test_encode_parity_with_open_clip(reference, corpus, tokenizer):
     """Untruncated ids, one text at a time (the single-text path, not the batch path)."""
     for text in corpus:
         assert tokenizer.encode(text) == reference.encode(text), repr(text)
 
 
+@pytest.mark.slow
 def test_cleaning_matches_open_clip(corpus):
     from open_clip.tokenizer import _clean_lower
 
@@ -347,6 +350,7 @@ def test_pickle_round_trip(corpus):
     assert torch.equal(restored(corpus[:2000]), expected)
 
 
+@pytest.mark.slow
 def test_bounded_cache_and_threads(reference, corpus):
     """A tiny cache that is cleared constantly, shared by four threads, still gives the reference ids."""
     tokenizer = Tokenizer()

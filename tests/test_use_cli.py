@@ -158,6 +158,7 @@ def test_missing_checkpoint_and_random_weights(checkpoint, capsys):
 # classify
 
 
+@pytest.mark.slow
 def test_classify_equals_direct_computation(model, folder):
     paths = find_images([folder])
     template = "a photo of {}."
@@ -248,6 +249,7 @@ def test_embed_images_round_trip(checkpoint, model, folder, tmp_path, suffix):
         assert table.column("embedding").to_pylist()[1] == pytest.approx(array[1].tolist())
 
 
+@pytest.mark.slow
 def test_embed_texts_unnormalised_with_workers_for_images(checkpoint, model, folder, tmp_path):
     texts_file = tmp_path / "texts.txt"
     texts_file.write_text("a red square\na dog on grass\n")
@@ -325,6 +327,7 @@ def _hits(output: str) -> list[tuple[str, float]]:
     return [(line.split()[-1], float(line.split()[1])) for line in lines if not line.startswith("montage:")]
 
 
+@pytest.mark.slow
 def test_search_finds_the_direct_argmax_and_reuses_the_cache(
     checkpoint, model, folder, tmp_path, monkeypatch, capsys
 ):
@@ -367,6 +370,7 @@ def test_search_finds_the_direct_argmax_and_reuses_the_cache(
     assert dict(_hits(third))[str(changed)] == pytest.approx(float(new_scores[order[-1]]), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_search_cache_invalidated_by_other_weights_and_reports_failures(checkpoint, model, folder, tmp_path):
     transform = clipforge.get_transforms(model)
     (folder / "broken.jpg").write_bytes(b"GIF89a")

@@ -92,6 +92,7 @@ def reference_ids(reference, texts: list[str], length: int) -> torch.Tensor:
     ]
 
 
+@pytest.mark.slow
 def test_ids_equal_hugging_face_on_real_and_varied_text(reference, corpus, tokenizer):
     ours = tokenizer(corpus)
     theirs = reference_ids(reference, corpus, 256)
@@ -107,6 +108,7 @@ def test_truncated_ids_equal_hugging_face(reference, length):
     assert torch.equal(fresh(HANDWRITTEN), reference_ids(reference, HANDWRITTEN, length))
 
 
+@pytest.mark.slow
 def test_every_code_point_normalizes_and_splits_as_hugging_face(reference):
     """BERT's normalizer and pre-tokenizer, character by character over all of Unicode (in blocks, each
     character between 'a' and a space so it meets letters, accents and word breaks)."""

@@ -15,19 +15,18 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from clipforge.errors import ConfigError  # re-exported: the tower table, below this module, raises it too
+from clipforge.tower_specs import tower_spec
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or inconsistent; the message names the field and the fix."""
 
 
 @dataclass(frozen=True)
 class VisionConfig:
     """Image tower. ``arch='vit'``: ``layers`` is an int. ``arch='resnet'``: ``layers`` is 4 stage depths.
 
-    ``tower``: a pretrained tower (:data:`clipforge.model.towers.TOWERS`, e.g. ``"efficientnet-lite0"``) that
+    ``tower``: a pretrained tower (:data:`clipforge.tower_specs.TOWERS`, e.g. ``"efficientnet-lite0"``) that
     replaces the from-scratch one; it fixes ``arch``, ``width``, ``layers`` and the image normalisation.
     """
 
@@ -326,8 +325,6 @@ def validate(config: ModelConfig) -> ModelConfig:
 def apply_towers(config: ModelConfig) -> ModelConfig:
     """``config`` with the fields its pretrained towers fix (architecture shape, normalisation, tokenizer)
     written in, so the resolved config describes the model truthfully; unknown tower names raise."""
-    from clipforge.model.towers import tower_spec
-
     data = None
     for modality, section in (("image", "vision"), ("text", "text")):
         name = getattr(config, section).tower

@@ -356,6 +356,20 @@ def _pm(interval: dict[str, float]) -> str:
 
 
 def render_report(r: dict[str, Any]) -> str:
+    """The demo's report.json as markdown: one section per evaluation, then the files and wall time."""
+    sections = (
+        _models_section,
+        _zero_shot_section,
+        _retrieval_section,
+        _linear_probe_section,
+        _digits_section,
+        _files_section,
+    )
+    lines = [line for section in sections for line in section(r)]
+    return "\n".join(lines) + "\n"
+
+
+def _models_section(r: dict[str, Any]) -> list[str]:
     d = r["data"]
     lines = [
         "# clipforge demo report",
@@ -374,7 +388,12 @@ def render_report(r: dict[str, Any]) -> str:
         lines.append(f"| {kind} | {t['what']} | {t['steps']} × {t['batch_size']} | {t['samples_seen']:,} "
                      f"({t['epochs'] or 0:.1f}) | {t['samples_per_s']:.0f} | {t['wall_time_s'] / 60:.1f} min | "
                      f"{t['final_loss']:.3f} |")  # fmt: skip
-    lines += [
+    return lines
+
+
+def _zero_shot_section(r: dict[str, Any]) -> list[str]:
+    d = r["data"]
+    lines = [
         "",
         "## Zero-shot on data never trained on",
         "",
@@ -398,7 +417,11 @@ def render_report(r: dict[str, Any]) -> str:
         lines.append(
             f"- **{name}** — {info['kind']}. From {info['source']}; classes: {', '.join(first['classes'])}."
         )
-    lines += [
+    return lines
+
+
+def _retrieval_section(r: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Retrieval on the training sources' test splits (text → image R@1, 95% interval)",
         "",
@@ -411,13 +434,18 @@ def render_report(r: dict[str, Any]) -> str:
         lines.append(
             f"| {source} | {v['images']} | " + " | ".join(cells) + f" | {v['chance_text_to_image_R@1']:.4f} |"
         )
-    lines += [
+    return lines
+
+
+def _linear_probe_section(r: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Seen classes, unseen images: linear probe (C chosen on val)",
         "",
         "| source | classes | test images | majority chance | " + " | ".join(r["models"]) + " |",
         "|---|---|---|---|" + "---|" * len(r["models"]),
     ]
+    first_model = next(iter(r["models"].values()))
     for source, v in first_model["linear_probe"].items():
         cells = [_pm(m["linear_probe"][source]["interval"]) for m in r["models"].values()]
         lines.append(
@@ -425,13 +453,22 @@ def render_report(r: dict[str, Any]) -> str:
             + " | ".join(cells)
             + " |"
         )
-    lines += ["", "## Handwritten digits (never trained on): the paper's MNIST remark", ""]
+    return lines
+
+
+def _digits_section(r: dict[str, Any]) -> list[str]:
+    lines = ["", "## Handwritten digits (never trained on): the paper's MNIST remark", ""]
     for kind, m in r["models"].items():
         g = m["digits"]
         lines.append(f"- {kind}: {g['test_images']} test digits, chance {g['chance']:.3f}: logistic regression on "
                      f"raw pixels **{g['pixel_baseline']:.3f}**, zero-shot CLIP {g['zero_shot_clip']:.3f}, linear "
                      f"probe on CLIP features {g['linear_probe_clip']:.3f}.")  # fmt: skip
-    lines += [
+    return lines
+
+
+def _files_section(r: dict[str, Any]) -> list[str]:
+    d = r["data"]
+    return [
         "",
         "## Figures and files",
         "",
@@ -443,4 +480,3 @@ def render_report(r: dict[str, Any]) -> str:
                                   f"{m['evaluate_s'] / 60:.1f} min" for k, m in r["models"].items())
         + f"; total {r['wall_time_s'] / 60:.1f} min (data {d['seconds']:.1f} s).",
     ]  # fmt: skip
-    return "\n".join(lines) + "\n"

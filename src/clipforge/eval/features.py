@@ -129,19 +129,28 @@ def encode_images(
             transform=repr(transform),
             precision=precision,
         )
-        hit = cache.load(key)
+        hit = _load_encoded_images(cache, key, dataset.name)
         if hit is not None:
-            log.info(
-                "feature cache hit: %s (%d images of %s)", cache.path(key), len(hit["keys"]), dataset.name
-            )
-            return EncodedImages(
-                features=hit["features"],
-                labels=hit["labels"],
-                keys=[str(k) for k in hit["keys"]],
-                captions=[tuple(c) for c in json.loads(str(hit["captions"]))],
-                skipped=json.loads(str(hit["skipped"])),
-                from_cache=True,
-            )
+            return hit
+    result = _encode_image_batches(
+        model, dataset, transform, batch_size, num_workers, run_device, precision, progress
+    )
+    if cache is not None and key is not None:
+        _save_encoded_images(cache, key, result)
+    return result
+
+
+def _encode_image_batches(
+    model: nn.Module,
+    dataset: EvalDataset,
+    transform: Callable[[Any], torch.Tensor],
+    batch_size: int,
+    num_workers: int,
+    run_device: torch.device,
+    precision: str,
+    progress: bool,
+) -> EncodedImages:
+    """The encoding loop of :func:`encode_images`: batches in any order, results put back in stored order."""
     started = time.perf_counter()
     chunks: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -180,17 +189,34 @@ def encode_images(
     )
     if skipped:
         log.warning("%s: skipped %s", dataset.name, ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
-    if cache is not None and key is not None:
-        path = cache.save(
-            key,
-            features=result.features,
-            labels=result.labels,
-            keys=np.array(result.keys, dtype=str),
-            captions=np.array(json.dumps(result.captions)),
-            skipped=np.array(json.dumps(result.skipped)),
-        )
-        log.info("feature cache: wrote %s", path)
     return result
+
+
+def _load_encoded_images(cache: FeatureCache, key: str, dataset_name: str) -> EncodedImages | None:
+    hit = cache.load(key)
+    if hit is None:
+        return None
+    log.info("feature cache hit: %s (%d images of %s)", cache.path(key), len(hit["keys"]), dataset_name)
+    return EncodedImages(
+        features=hit["features"],
+        labels=hit["labels"],
+        keys=[str(k) for k in hit["keys"]],
+        captions=[tuple(c) for c in json.loads(str(hit["captions"]))],
+        skipped=json.loads(str(hit["skipped"])),
+        from_cache=True,
+    )
+
+
+def _save_encoded_images(cache: FeatureCache, key: str, result: EncodedImages) -> None:
+    path = cache.save(
+        key,
+        features=result.features,
+        labels=result.labels,
+        keys=np.array(result.keys, dtype=str),
+        captions=np.array(json.dumps(result.captions)),
+        skipped=np.array(json.dumps(result.skipped)),
+    )
+    log.info("feature cache: wrote %s", path)
 
 
 def encode_texts(

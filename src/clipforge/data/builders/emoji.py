@@ -280,29 +280,7 @@ def collect(
         if image.getextrema() == ((255, 255),) * 3:
             dropped["render_empty"] += 1
             continue
-        source = f"emoji/{entry.codepoints.replace(' ', '_')}"
-        extra: dict[str, Any] = {
-            "package": PACKAGES[0],
-            "licence": "Apache-2.0",
-            "emoji": entry.text,
-            "codepoints": entry.codepoints,
-            "cldr_name": entry.name,
-            "cldr_group": entry.group,
-            "cldr_subgroup": entry.subgroup,
-            "emoji_version": entry.version,
-        }
-        candidates.append(
-            Candidate(
-                source=source,
-                image=image_options.thumbnail(image),
-                captions=emoji_captions(entry.name, source, list(names["caption_templates"])),
-                classes=(
-                    names["groups"].get(entry.group, entry.group),
-                    subgroup_class(entry.subgroup, names["subgroups"]),
-                ),
-                extra=extra,
-            )
-        )
+        candidates.append(_candidate(entry, image_options.thumbnail(image), names))
     return Collected(
         candidates=candidates,
         dropped=dropped,
@@ -321,4 +299,29 @@ def collect(
             "raqm_version": features.version("raqm"),
             "skin_tones": skin_tones,
         },
+    )
+
+
+def _candidate(entry: EmojiEntry, thumbnail: bytes, names: dict[str, Any]) -> Candidate:
+    """One emoji (its encoded thumbnail) as a candidate: captions from its CLDR name, group and subgroup classes."""
+    source = f"emoji/{entry.codepoints.replace(' ', '_')}"
+    extra: dict[str, Any] = {
+        "package": PACKAGES[0],
+        "licence": "Apache-2.0",
+        "emoji": entry.text,
+        "codepoints": entry.codepoints,
+        "cldr_name": entry.name,
+        "cldr_group": entry.group,
+        "cldr_subgroup": entry.subgroup,
+        "emoji_version": entry.version,
+    }
+    return Candidate(
+        source=source,
+        image=thumbnail,
+        captions=emoji_captions(entry.name, source, list(names["caption_templates"])),
+        classes=(
+            names["groups"].get(entry.group, entry.group),
+            subgroup_class(entry.subgroup, names["subgroups"]),
+        ),
+        extra=extra,
     )

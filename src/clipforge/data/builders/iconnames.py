@@ -76,6 +76,19 @@ def _plural(noun: str, plurals: Mapping[str, str]) -> str:
     return " ".join([*front, last])
 
 
+@dataclass
+class _Reading:
+    """What :meth:`IconNamer.describe` has read of a name so far, besides the head."""
+
+    style: list[str] = field(default_factory=list)
+    states: list[str] = field(default_factory=list)
+    containers: list[str] = field(default_factory=list)
+    badges: list[str] = field(default_factory=list)
+    direction: list[str] = field(default_factory=list)
+    rest: list[str] = field(default_factory=list)
+    multiple: bool = False
+
+
 class IconNamer:
     """The ``icon_names`` rules compiled; ``leading_containers`` reads ``circle-check`` as a check in a circle
     (Font Awesome) rather than as a kind of circle (Material Design Icons). ``known_names``: every name of the
@@ -135,66 +148,81 @@ class IconNamer:
     def describe(self, words: Sequence[str]) -> IconName:
         """Read ``words`` (the name split on '-', lower case)."""
         words = [w for w in (w.lower() for w in words) if w]
-        style: list[str] = []
-        states: list[str] = []
-        containers: list[str] = []
-        badges: list[str] = []
-        multiple = False
-        # style and state words and trailing containers, from the end ("bell-off-outline", "check-circle")
+        reading = _Reading()
+        self._read_ends(words, reading)
+        head_length = self._head_length(words)
+        self._read_after_head(words, head_length, reading)
+        return self._compose(words, words[:head_length], reading)
+
+    def _read_ends(self, words: list[str], reading: _Reading) -> None:
+        """Pop style and state words and containers off the end ("bell-off-outline", "check-circle"), and
+        leading containers where the icon set puts them first; ``words`` keeps what is left."""
         while len(words) > 1:
             last = words[-1]
             if last in self.style_words:
-                style.insert(0, last)
+                reading.style.insert(0, last)
             elif last in self.state_words:
-                states.insert(0, last)
+                reading.states.insert(0, last)
             elif last in self.containers:
-                containers.insert(0, last)
+                reading.containers.insert(0, last)
             elif last in self.multiple_words:
-                multiple = True
+                reading.multiple = True
             else:
                 break
             words.pop()
         if self.leading_containers:
             while len(words) > 1 and words[0] in self.containers:
-                containers.append(words.pop(0))
-        # the head: a listed compound, or the first word; a name ending in a suffix head is said whole
+                reading.containers.append(words.pop(0))
+
+    def _head_length(self, words: Sequence[str]) -> int:
+        """How many words the head takes: a listed compound, or the first word; a name ending in a suffix head
+        is said whole ("indian-rupee-sign": a sign)."""
         head_length = next((n for n in (3, 2) if tuple(words[:n]) in self.compounds), 1)
         if head_length == 1 and self._auto_compound(words):
             head_length = 2
-        if len(words) > 1 and words[-1] in self.suffix_heads:  # "indian-rupee-sign": a sign
+        if len(words) > 1 and words[-1] in self.suffix_heads:
             head_length = len(words)
-        head_words = words[:head_length]
-        rest_words: list[str] = []
-        direction: list[str] = []
-        position = head_length
+        return head_length
+
+    def _read_after_head(self, words: Sequence[str], position: int, reading: _Reading) -> None:
+        """Sort the words after the head into directions, badges, style, state, containers and the rest."""
         while position < len(words):
             word = words[position]
             direction_match = self._match(words, position, self.directions)
-            if direction_match and words[0] in self.pointing_heads and not rest_words and not badges:
-                direction.append(self.directions[direction_match[0]])
+            if (
+                direction_match
+                and words[0] in self.pointing_heads
+                and not reading.rest
+                and not reading.badges
+            ):
+                reading.direction.append(self.directions[direction_match[0]])
                 position += direction_match[1]
                 continue
             badge_match = self._match(words, position, self.badges)
-            if badge_match and not (rest_words and rest_words[-1] in self.relation_words):
-                badges.append(self.badges[badge_match[0]])
+            if badge_match and not (reading.rest and reading.rest[-1] in self.relation_words):
+                reading.badges.append(self.badges[badge_match[0]])
                 position += badge_match[1]
                 continue
             contained = self._match(words, position + 1, self.badges) if word in self.containers else None
             if contained:  # "building-circle-xmark": a building with a cross in a circle
-                badges.append(f"{self.badges[contained[0]]} {self.containers[word]}")
+                reading.badges.append(f"{self.badges[contained[0]]} {self.containers[word]}")
                 position += 1 + contained[1]
                 continue
             if word in self.style_words:
-                style.append(word)
+                reading.style.append(word)
             elif word in self.state_words:
-                states.append(word)
+                reading.states.append(word)
             elif word in self.containers and position == len(words) - 1:
-                containers.append(word)
+                reading.containers.append(word)
             elif word in self.multiple_words:
-                multiple = True
+                reading.multiple = True
             else:
-                rest_words.append(word)
+                reading.rest.append(word)
             position += 1
+
+    def _compose(self, words: Sequence[str], head_words: Sequence[str], reading: _Reading) -> IconName:
+        """The English of a read name: concept, noun phrase with its badges and containers, style text."""
+        rest_words = reading.rest
         head_key = "-".join(head_words)
         head = self.head_names.get(head_key, " ".join(head_words))
         if len(head_words) > 1 and head_words[-1] in self.suffix_heads:
@@ -204,29 +232,30 @@ class IconNamer:
             concept_words = ""
         concept = concept_words or self._concept(head_key, head, rest_words)
         starts_with_article = concept.startswith(("the ", "a ", "an "))
+        multiple = reading.multiple
         noun = _plural(concept, self.plurals) if multiple and not starts_with_article else concept
-        adjectives = [self.state_words[s] for s in states if self.state_words[s]]
-        if direction:
-            noun = f"{noun} pointing {' and '.join(direction)}"
+        adjectives = [self.state_words[s] for s in reading.states if self.state_words[s]]
+        if reading.direction:
+            noun = f"{noun} pointing {' and '.join(reading.direction)}"
         phrase = " ".join([*adjectives, noun])
         if multiple:  # "several accounts"; "several copies of the number 7"
             noun_phrase = f"several copies of {phrase}" if starts_with_article else f"several {phrase}"
         else:
             # the article agrees with the head ("angles pointing left", "arrows to a dot": no article)
             noun_phrase = phrase if starts_with_article or looks_plural(head) else with_article(phrase)
-        extras = [f"with {b}" for b in badges if b]
-        extras += [self.containers[c] for c in containers]
+        extras = [f"with {b}" for b in reading.badges if b]
+        extras += [self.containers[c] for c in reading.containers]
         noun_phrase = " ".join([noun_phrase, *extras])
-        style_text = " ".join(self.style_words[s] for s in style if self.style_words[s])
+        style_text = " ".join(self.style_words[s] for s in reading.style if self.style_words[s])
         parts = {
             "head": head_key,
             "rest": rest_words,
-            "style": style,
-            "state": states,
-            "containers": containers,
-            "badges": badges,
+            "style": reading.style,
+            "state": reading.states,
+            "containers": reading.containers,
+            "badges": reading.badges,
             "multiple": multiple,
-            "direction": direction,
+            "direction": reading.direction,
         }
         return IconName(tuple(words), head, concept, noun_phrase, style_text, parts)
 

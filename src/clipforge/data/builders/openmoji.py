@@ -82,18 +82,12 @@ def collect(
     module = require_module(NAME, PACKAGE)
     require_module(NAME, RESVG)
     names = load_rules("emoji", rules, required=("groups", "subgroups", "caption_templates"))
-    if emoji_test is None:
-        entries, table_header = load_emoji_table()
-        table_source = str(table_header.get("source"))
-    else:
-        entries = parse_emoji_test(Path(emoji_test).read_text(encoding="utf-8"), str(emoji_test))
-        table_source = str(emoji_test)
+    entries, table_source = _emoji_entries(emoji_test)
     index = table_index(entries)
     svg_dir = module.get_openmoji_svg_data()
     files = [f for f in svg_dir.iterdir() if f.name.endswith(".svg")]  # not the .svg.gz/.svg.zst copies
     dropped: Counter[str] = Counter()
     items: list[IconItem] = []
-    templates = list(names["caption_templates"])
     for file in select(files, lambda f: f.name[: -len(".svg")], limit=limit, slugs=slugs):
         hexcode = file.name[: -len(".svg")]
         codepoints = hexcode.upper().split("-")
@@ -107,31 +101,7 @@ def collect(
         if not skin_tones and any(ord(ch) in SKIN_TONES for ch in entry.text):
             dropped["skin_tone_variant"] += 1
             continue
-        source = f"{NAME}/{hexcode}"
-        extra: dict[str, Any] = {
-            "package": PACKAGE.distribution,
-            "licence": "CC-BY-SA-4.0",
-            "emoji": entry.text,
-            "codepoints": entry.codepoints,
-            "openmoji_file": file.name,
-            "cldr_name": entry.name,
-            "cldr_group": entry.group,
-            "cldr_subgroup": entry.subgroup,
-            "emoji_version": entry.version,
-            "concept": entry.name,
-        }
-        items.append(
-            IconItem(
-                source=source,
-                svg=file.read_text(encoding="utf-8"),
-                captions=emoji_captions(entry.name, source, templates),
-                classes=(
-                    names["groups"].get(entry.group, entry.group),
-                    subgroup_class(entry.subgroup, names["subgroups"]),
-                ),
-                extra=extra,
-            )
-        )
+        items.append(_item(file, entry, names))
     candidates = render_items(
         NAME, items, image_options, dropped, margin=margin, workers=workers, progress=progress
     )
@@ -156,6 +126,42 @@ def collect(
             "margin": margin,
             "code_version": CODE_VERSION,
         },
+    )
+
+
+def _emoji_entries(emoji_test: str | Path | None) -> tuple[list[EmojiEntry], str]:
+    """The emoji table that names the SVGs, and where it came from (the packaged table by default)."""
+    if emoji_test is None:
+        entries, table_header = load_emoji_table()
+        return entries, str(table_header.get("source"))
+    return parse_emoji_test(Path(emoji_test).read_text(encoding="utf-8"), str(emoji_test)), str(emoji_test)
+
+
+def _item(file: Path, entry: EmojiEntry, names: dict[str, Any]) -> IconItem:
+    """One OpenMoji SVG named by its emoji-table entry: CLDR-name captions, group and subgroup classes."""
+    hexcode = file.name[: -len(".svg")]
+    source = f"{NAME}/{hexcode}"
+    extra: dict[str, Any] = {
+        "package": PACKAGE.distribution,
+        "licence": "CC-BY-SA-4.0",
+        "emoji": entry.text,
+        "codepoints": entry.codepoints,
+        "openmoji_file": file.name,
+        "cldr_name": entry.name,
+        "cldr_group": entry.group,
+        "cldr_subgroup": entry.subgroup,
+        "emoji_version": entry.version,
+        "concept": entry.name,
+    }
+    return IconItem(
+        source=source,
+        svg=file.read_text(encoding="utf-8"),
+        captions=emoji_captions(entry.name, source, list(names["caption_templates"])),
+        classes=(
+            names["groups"].get(entry.group, entry.group),
+            subgroup_class(entry.subgroup, names["subgroups"]),
+        ),
+        extra=extra,
     )
 
 
