@@ -18,6 +18,8 @@ from clipforge.train import checkpoint as ckpt
 from tests.datasets import digits_shards
 
 
+pytestmark = pytest.mark.slow  # trains or loads reference models: the full suite only
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return digits_shards(tmp_path_factory.mktemp("digits"), n=96, per_shard=24)

@@ -17,6 +17,8 @@ from clipforge.model.layers import use_fast_paths
 from clipforge.model.vision import VisionTransformer
 from tests.conftest import open_clip_model, random_images, random_tokens, reduced_config
 
+pytestmark = pytest.mark.slow  # trains or loads reference models: the full suite only
+
 TOL = 1e-5
 
 

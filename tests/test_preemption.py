@@ -19,6 +19,8 @@ from clipforge.train import Preempted, resolve_train_config, train
 from clipforge.train.checkpoint import load_resume
 from tests.datasets import digits_shards
 
+pytestmark = pytest.mark.slow  # trains or loads reference models: the full suite only
+
 REPO = Path(__file__).resolve().parents[1]
 
 
