@@ -17,8 +17,8 @@ from clipforge.train import TrainingError, resolve_train_config, train
 from clipforge.train import checkpoint as ckpt
 from tests.datasets import digits_shards
 
-
 pytestmark = pytest.mark.slow  # trains or loads reference models: the full suite only
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
