@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from clipforge.train import Preempted, resolve_train_config, train
 from clipforge.train.checkpoint import load_resume
 from tests.datasets import digits_shards
+from tests.test_distributed import _run_ranks, _set_torchrun_env
 
 pytestmark = pytest.mark.slow  # trains or loads reference models: the full suite only
 
@@ -146,3 +147,63 @@ def test_a_signal_on_the_last_step_finishes_the_run(shards, tmp_path):
     config = _config(shards, tmp_path, **{"run.eval_every": 1})
     summary = train(config, hooks=[_signal_at(8)])
     assert summary.steps == 8 and Path(summary.model_path).is_file()
+
+
+# ---- under torchrun: one rank's loader dies with the signal, the other's does not ----
+
+
+def _ddp_worker(rank: int, world: int, port: int, shards: str, out: str, name: str, drop_on_rank: int,
+                resume: bool) -> None:  # fmt: skip
+    """One rank of a 2-rank run (gloo). With ``drop_on_rank`` >= 0, that rank gets SIGTERM while fetching step 4's
+    batch and its loader "dies" with it (a TrainingError, as when the signal kills a worker); the other rank's
+    batch arrives. Writes this rank's outcome to ``out/rank{rank}.json``."""
+    import clipforge.train.loop as loop
+    from clipforge.train import TrainingError as Error
+
+    _set_torchrun_env(rank, world, port)
+    real_next_batch = loop.next_batch
+
+    def next_batch(batches, step, run_dir):
+        if rank == drop_on_rank and step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise Error("stopping at step 4: a data-loader worker failed (killed by signal: Terminated)")
+        return real_next_batch(batches, step, run_dir)
+
+    loop.next_batch = next_batch
+    outcome: dict = {}
+    try:
+        if resume:
+            summary = train(resume=Path(out) / name)
+        else:
+            summary = train(_config(Path(shards), Path(out), **{"run.name": name}))
+        outcome = {"steps": summary.steps, "resumed_from": summary.resumed_from}
+    except Preempted as error:
+        outcome = {"preempted_at": error.step, "exit_status": error.exit_status, "checkpoint": str(error.checkpoint)}
+    except Exception as error:  # reported to the test
+        outcome = {"error": f"{type(error).__name__}: {error}"}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
+    os._exit(0)
+
+
+def _ddp_run(shards: Path, out: Path, name: str, drop_on_rank: int = -1, resume: bool = False) -> list[dict]:
+    for rank in range(2):
+        (out / f"rank{rank}.json").unlink(missing_ok=True)
+    exitcodes = _run_ranks(_ddp_worker, (str(shards), str(out), name, drop_on_rank, resume), world=2, deadline_s=180)
+    outcomes = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2) if exitcodes[rank] == 0]
+    assert exitcodes == [0, 0], (exitcodes, outcomes)
+    return outcomes
+
+
+@pytest.mark.parametrize("drop_on_rank", [0, 1])
+def test_a_step_dropped_on_one_rank_is_dropped_on_all_and_resume_is_exact(shards, tmp_path, drop_on_rank):
+    outcomes = _ddp_run(shards, tmp_path, "run", drop_on_rank)
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "step_00000003.pt")
+    assert outcomes == [{"preempted_at": 3, "exit_status": 143, "checkpoint": checkpoint}] * 2
+
+    reference = _ddp_run(shards, tmp_path, "reference")  # the same run, uninterrupted
+    assert reference == [{"steps": 8, "resumed_from": None}] * 2
+    outcomes = _ddp_run(shards, tmp_path, "run", resume=True)
+    assert outcomes == [{"steps": 8, "resumed_from": checkpoint}] * 2
+    expected = load_file(tmp_path / "reference" / "model.safetensors")
+    got = load_file(tmp_path / "run" / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)

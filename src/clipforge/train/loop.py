@@ -36,7 +36,7 @@ from clipforge.train.data import build_batches, next_batch
 from clipforge.train.errors import Preempted, TrainingError
 from clipforge.train.feature_cache import FeatureCache
 from clipforge.train.optim import build_optimizer, build_scheduler
-from clipforge.train.preempt import StopSignals, agreed_signal, agreed_time_over
+from clipforge.train.preempt import StopSignals, agreed_drop, agreed_signal, agreed_time_over
 from clipforge.train.report import MetricsWriter, write_loss_plot
 from clipforge.train.state import Counters, Optimization, checkpoint_payload, global_counts, restore
 from clipforge.train.step import UpdateResult, apply_update
@@ -209,11 +209,23 @@ class _Trainer:
         )  # fmt: skip
 
     # -- phase 2: one training step -------------------------------------------------------------------------
-    def step(self, run: _Run) -> _Step:
-        """Fetch the step's micro-batches, accumulate the gradient, update; counters move only once the whole
-        batch is in hand, so a step dropped by a failing loader leaves them at the last finished step."""
+    def fetch(self, run: _Run, signals: StopSignals) -> list[Batch] | None:
+        """The step's micro-batches, or None when the step is dropped: a loader worker died with a stop signal on
+        this rank, or on any rank (they agree, so no rank starts a step whose collectives another never joins)."""
+        try:
+            batches: list[Batch] | None = [
+                next_batch(run.batches, run.counters.step, self.run_dir) for _ in range(self.config.accum_steps)
+            ]
+        except TrainingError:
+            if signals.signum is None:
+                raise
+            batches = None  # a loader worker died with the signal
+        return None if agreed_drop(batches is None, self.device) else batches
+
+    def step(self, run: _Run, batches: list[Batch]) -> _Step:
+        """Accumulate the gradient of the step's micro-batches, update; counters move only here, so a dropped step
+        leaves them at the last finished step."""
         cfg, counters = self.config, run.counters
-        batches = [next_batch(run.batches, counters.step, self.run_dir) for _ in range(cfg.accum_steps)]
         for batch in batches:
             counters.positions[batch.partition] = batch.position
             counters.counts.update(batch.counts)
@@ -240,13 +252,9 @@ class _Trainer:
         cfg, counters, interval = self.config, run.counters, _Interval()
         with StopSignals() as signals:
             while counters.step < run.total_steps:
-                try:
-                    result: _Step | None = self.step(run)
-                except TrainingError:
-                    if signals.signum is None:
-                        raise
-                    result = None  # a loader worker died with the signal: this step is dropped
-                if result is not None:
+                batches = self.fetch(run, signals)
+                if batches is not None:
+                    result = self.step(run, batches)
                     self._check_finite(run, result, interval)
                     self._apply_time_limit(run)
                     if run.bar is not None:

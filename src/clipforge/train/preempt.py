@@ -61,6 +61,12 @@ def agreed_signal(signals: StopSignals, device: torch.device) -> int:
     return int(_max_over_ranks(float(signals.signum or 0), device))
 
 
+def agreed_drop(dropped: bool, device: torch.device) -> bool:
+    """Whether any rank dropped this step (its loader died with a stop signal); one all-reduce per step under
+    torchrun, nothing in a single process."""
+    return bool(_max_over_ranks(float(dropped), device))
+
+
 def agreed_time_over(started: float, time_limit_s: float, device: torch.device) -> bool:
     """Whether ``time_limit_s`` (0: no limit) has passed since ``started``; rank 0's clock decides."""
     if not time_limit_s:
