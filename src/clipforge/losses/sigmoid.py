@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from clipforge.distributed import all_gather_with_grad, is_distributed
+from clipforge.losses.chunks import BlockGradients
 from clipforge.losses.inputs import ChunkSize, _no_autocast, _resolve_chunk, _upcast
 from clipforge.losses.positives import _checked_ids, _gathered_ids, _Positives, _required_ids, _unless_unique
 
@@ -64,40 +65,22 @@ class _ChunkedSigmoid(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
         queries, keys, scale, bias = ctx.saved_tensors
-        need_queries, need_keys, need_scale, need_bias = ctx.needs_input_grad[:4]
+        need_bias = ctx.needs_input_grad[3]
         n, chunk, positives = queries.shape[0], ctx.chunk, ctx.positives
         weight = grad_loss / n
-        grad_queries = torch.empty_like(queries) if need_queries else None
-        grad_keys = torch.zeros_like(keys) if need_keys else None
-        grad_scale = torch.zeros((), dtype=torch.float64, device=scale.device)
+        grads = BlockGradients(queries, keys, scale, ctx.needs_input_grad[:3])
         grad_bias = torch.zeros((), dtype=torch.float64, device=bias.device)
         for start in range(0, n, chunk):
-            q = queries[start : start + chunk]
-            block = _signed_logits(q, keys, scale, bias, positives, start)
+            block = _signed_logits(queries[start : start + chunk], keys, scale, bias, positives, start)
             block.neg_().sigmoid_()  # σ(-z l)
             _negate_positives(block, positives, start)  # -z σ(-z l) = dloss/dlogit
             block.mul_(weight)
             if need_bias:
                 grad_bias += block.sum()
-            if grad_keys is not None:
-                grad_keys.addmm_(block.T, q)
-            if need_queries or need_scale:
-                g_keys = block @ keys
-                if grad_queries is not None:
-                    grad_queries[start : start + chunk] = g_keys * scale
-                grad_scale += (q.double() * g_keys.double()).sum()
-        if grad_keys is not None:
-            grad_keys.mul_(scale)
-        return (
-            grad_queries,
-            grad_keys,
-            grad_scale.to(scale.dtype) if need_scale else None,
-            grad_bias.to(bias.dtype) if need_bias else None,
-            None,
-            None,
-            None,
-            None,
-        )
+            grads.add(block, start)
+        grad_queries, grad_keys, grad_scale = grads.result()
+        bias_grad = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_queries, grad_keys, grad_scale, bias_grad, None, None, None, None
 
 
 def _sigmoid(

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from clipforge.distributed import all_gather_with_grad, is_distributed
+from clipforge.losses.chunks import BlockGradients
 from clipforge.losses.inputs import ChunkSize, _no_autocast, _resolve_chunk, _upcast
 from clipforge.losses.positives import _checked_ids, _gathered_ids, _Positives, _required_ids, _unless_unique
 
@@ -57,33 +58,18 @@ class _ChunkedInfoNCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
         queries, keys, scale, lse = ctx.saved_tensors
-        need_queries, need_keys, need_scale = ctx.needs_input_grad[:3]
         n, chunk, positives, smoothing = queries.shape[0], ctx.chunk, ctx.positives, ctx.smoothing
         weight = grad_loss / n
-        grad_queries = torch.empty_like(queries) if need_queries else None
-        grad_keys = torch.zeros_like(keys) if need_keys else None
-        grad_scale = torch.zeros((), dtype=torch.float64, device=scale.device)
+        grads = BlockGradients(queries, keys, scale, ctx.needs_input_grad[:3])
         for start in range(0, n, chunk):
-            q = queries[start : start + chunk]
             # dCE/dlogits = softmax - targets, rebuilt in place in the recomputed logits block.
-            block = (scale * q) @ keys.T
+            block = (scale * queries[start : start + chunk]) @ keys.T
             block.sub_(lse[start : start + chunk, None]).exp_()
             positives.subtract_targets(block, start, 1.0 - smoothing)
             if smoothing:
                 block.sub_(smoothing / block.shape[1])
-            block.mul_(weight)
-            if grad_keys is not None:
-                grad_keys.addmm_(block.T, q)
-            if need_queries or need_scale:
-                g_keys = block @ keys  # dloss/dq / s
-                if grad_queries is not None:
-                    grad_queries[start : start + chunk] = g_keys * scale
-                # dloss/ds = Σ_ij G_ij q_i·k_j = Σ_i q_i·(G K)_i: reuses G K instead of keeping the raw block.
-                grad_scale += (q.double() * g_keys.double()).sum()
-        if grad_keys is not None:
-            grad_keys.mul_(scale)
-        scale_grad = grad_scale.to(scale.dtype) if need_scale else None
-        return grad_queries, grad_keys, scale_grad, None, None, None, None, None
+            grads.add(block.mul_(weight), start)
+        return *grads.result(), None, None, None, None, None
 
 
 class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
@@ -139,16 +125,12 @@ class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
         image, text, scale, row_lse, col_lse = ctx.saved_tensors
-        need_image, need_text, need_scale = ctx.needs_input_grad[:3]
         batch, chunk, positives, smoothing = image.shape[0], ctx.chunk, ctx.positives, ctx.smoothing
         weight = grad_loss / (2 * batch)
-        grad_image = torch.empty_like(image) if need_image else None
-        grad_text = torch.zeros_like(text) if need_text else None
-        grad_scale = torch.zeros((), dtype=torch.float64, device=scale.device)
+        grads = BlockGradients(image, text, scale, ctx.needs_input_grad[:3])
         for start in range(0, batch, chunk):
-            x = image[start : start + chunk]
             # Row softmax + column softmax - row targets - column targets: both directions' gradient.
-            block = (scale * x) @ text.T
+            block = (scale * image[start : start + chunk]) @ text.T
             col_softmax = torch.sub(block, col_lse).exp_()
             block.sub_(row_lse[start : start + chunk, None]).exp_().add_(col_softmax)
             del col_softmax
@@ -161,17 +143,8 @@ class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
                 del mask
             if smoothing:
                 block.sub_(2 * smoothing / batch)
-            block.mul_(weight)
-            if grad_text is not None:
-                grad_text.addmm_(block.T, x)
-            if need_image or need_scale:
-                g_text = block @ text
-                if grad_image is not None:
-                    grad_image[start : start + chunk] = g_text * scale
-                grad_scale += (x.double() * g_text.double()).sum()
-        if grad_text is not None:
-            grad_text.mul_(scale)
-        return grad_image, grad_text, grad_scale.to(scale.dtype) if need_scale else None, None, None, None
+            grads.add(block.mul_(weight), start)
+        return *grads.result(), None, None, None
 
 
 def _soft_targets(positives: _Positives, logits: Tensor) -> Tensor:
