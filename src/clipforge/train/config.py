@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from clipforge.config import ConfigError, ModelConfig, apply_overrides, dataclass_from_dict, read_mapping_file
+from clipforge.train.loggers import check_reporters
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ class RunConfig:
         0.0  # >0: stop early (with a checkpoint and the final model) once training took this long
     )
     progress: bool = True  # tqdm bar on rank 0
+    # Scalars also go to: "tensorboard" (<run>/tensorboard) and/or "wandb" (see clipforge.train.loggers).
+    report_to: tuple[str, ...] = ("tensorboard",)
+    wandb_project: str = "clipforge"
+    wandb_mode: str = "offline"  # offline (nothing uploaded; `wandb sync` later), online, disabled
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,7 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
         if not ok:
             raise ConfigError(f"{key}: invalid value; see `clipforge train --help` for its meaning")
     _validate_recipes(config)
+    check_reporters(r.report_to, r.wandb_mode)
     if config.steps == 0 and config.epochs == 0:
         raise ConfigError("set the run length: steps (optimizer steps) or epochs (passes over the data)")
     if config.steps and config.epochs:

@@ -35,6 +35,7 @@ from clipforge.train.config import TrainConfig, train_config_from_dict
 from clipforge.train.data import build_batches, next_batch
 from clipforge.train.errors import Preempted, TrainingError
 from clipforge.train.feature_cache import FeatureCache
+from clipforge.train.loggers import open_reporters
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.preempt import StopSignals, agreed_drop, agreed_signal, agreed_time_over
 from clipforge.train.report import MetricsWriter, write_loss_plot
@@ -190,9 +191,11 @@ class _Trainer:
         )  # fmt: skip
         if self.state is not None:  # after iter(): the DataLoader draws its base seed from torch's RNG
             ckpt.set_rng_state(self.state["rng"])
+        resume_step = counters.step if self.state else None
         metrics = MetricsWriter(
-            self.run_dir, enabled=env.is_main, resume_step=counters.step if self.state else None
-        )
+            self.run_dir, enabled=env.is_main, resume_step=resume_step,
+            reporters=lambda: open_reporters(self.run_dir, cfg.run, cfg.to_json(), resume_step),
+        )  # fmt: skip
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -214,7 +217,8 @@ class _Trainer:
         this rank, or on any rank (they agree, so no rank starts a step whose collectives another never joins)."""
         try:
             batches: list[Batch] | None = [
-                next_batch(run.batches, run.counters.step, self.run_dir) for _ in range(self.config.accum_steps)
+                next_batch(run.batches, run.counters.step, self.run_dir)
+                for _ in range(self.config.accum_steps)
             ]
         except TrainingError:
             if signals.signum is None:
@@ -249,28 +253,36 @@ class _Trainer:
     # -- phase 3: the loop ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         run = self.build()
-        cfg, counters, interval = self.config, run.counters, _Interval()
-        with StopSignals() as signals:
-            while counters.step < run.total_steps:
-                batches = self.fetch(run, signals)
-                if batches is not None:
-                    result = self.step(run, batches)
-                    self._check_finite(run, result, interval)
-                    self._apply_time_limit(run)
-                    if run.bar is not None:
-                        run.bar.update(1)
-                    done = counters.step
-                    if done % cfg.run.log_every == 0 or done == run.total_steps:
-                        self._log(run, result, interval)
-                        interval = _Interval()
-                    if cfg.run.eval_every and done % cfg.run.eval_every == 0:
-                        self._run_hooks(run)
-                    if done % cfg.run.checkpoint_every == 0 or done == run.total_steps:
-                        self._save(run)
-                signum = agreed_signal(signals, self.device)
-                if signum and counters.step < run.total_steps:
-                    raise Preempted(signum, counters.step, self._preempted_checkpoint(run))
-        return self.finish(run)
+        counters, interval = run.counters, _Interval()
+        try:
+            with StopSignals() as signals:
+                while counters.step < run.total_steps:
+                    batches = self.fetch(run, signals)
+                    if batches is not None:
+                        interval = self.after_step(run, self.step(run, batches), interval)
+                    signum = agreed_signal(signals, self.device)
+                    if signum and counters.step < run.total_steps:
+                        raise Preempted(signum, counters.step, self._preempted_checkpoint(run))
+            return self.finish(run)
+        finally:
+            run.metrics.close()  # reporters flushed and closed, also when the run stops with an error
+
+    def after_step(self, run: _Run, result: _Step, interval: _Interval) -> _Interval:
+        """What follows a step: the finite check, the time limit, progress, the metrics line, the evaluation
+        hooks, the checkpoint. Returns the interval the next metrics line counts (a new one after a line)."""
+        cfg, done = self.config, run.counters.step
+        self._check_finite(run, result, interval)
+        self._apply_time_limit(run)
+        if run.bar is not None:
+            run.bar.update(1)
+        if done % cfg.run.log_every == 0 or done == run.total_steps:
+            self._log(run, result, interval)
+            interval = _Interval()
+        if cfg.run.eval_every and done % cfg.run.eval_every == 0:
+            self._run_hooks(run)
+        if done % cfg.run.checkpoint_every == 0 or done == run.total_steps:
+            self._save(run)
+        return interval
 
     # -- what the loop calls --------------------------------------------------------------------------------
     def _apply_time_limit(self, run: _Run) -> None:

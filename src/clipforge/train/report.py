@@ -1,47 +1,57 @@
 """What a run leaves behind for people and programs: ``metrics.jsonl`` (one JSON object per log step, evaluation
-records marked ``"kind": "eval"``), TensorBoard scalars when ``tensorboard`` is installed, and ``loss.png``."""
+records marked ``"kind": "eval"``), the same scalars in TensorBoard and W&B (``run.report_to``; see
+:mod:`clipforge.train.loggers`), and ``loss.png``."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from clipforge.train.loggers import Reporter, scalars_of
 
 log = logging.getLogger("clipforge.train")
 
 
 class MetricsWriter:
-    """Appends records to ``<run>/metrics.jsonl``. On resume, records after the resumed step (written by the
-    interrupted process after its last checkpoint) are dropped first, so every step appears once."""
+    """Appends records to ``<run>/metrics.jsonl`` and hands their scalars to the reporters. On resume, records
+    after the resumed step (written by the interrupted process after its last checkpoint) are dropped first, so
+    every step appears once. ``reporters``: a callable opening them (run only when ``enabled``)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        reporters: Callable[[], list[Reporter]] | None = None,
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
-        self._tensorboard = None
+        self._reporters: list[Reporter] = []
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            self._tensorboard = None
+        self._reporters = reporters() if reporters is not None else []
 
     def write(self, record: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"kind": kind, **record}) + "\n")
-        if self._tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tensorboard.add_scalar(f"{kind}/{key}", value, record["step"])
-            self._tensorboard.flush()
+        scalars = scalars_of(record)
+        for reporter in self._reporters:
+            reporter.write(kind, scalars, record["step"])
+
+    def close(self) -> None:
+        """Flush and close the reporters (a W&B run is finished); safe to call twice."""
+        reporters, self._reporters = self._reporters, []
+        for reporter in reporters:
+            reporter.close()
 
 
 def _step(line: str) -> int:
