@@ -112,10 +112,6 @@ def test_tokenizer_on_any_unicode(text):
     _check("tokenizer", text)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="table readers are being rewritten (data/tables.py, eval/datasets.py); failures listed for the lead",
-)
 @_settings(100)
 @hypothesis.given(_mutated("table"))
 def test_table_readers_contract(data):
