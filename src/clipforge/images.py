@@ -188,6 +188,12 @@ def _label(source: object, name: str | None) -> str:
 
 
 def _open_file(path: Path, label: str) -> BinaryIO:
+    if "\x00" in str(path):  # the OS cannot name such a file; open() would raise a bare ValueError
+        raise ImageLoadError(
+            f"{label!r}: the path contains a NUL character, so no such file can exist; check where the path "
+            "came from (a damaged table or shard field)",
+            reason="missing",
+        )
     try:
         if path.is_dir():
             raise ImageLoadError(

@@ -111,9 +111,16 @@ def _read_zip(path: Path) -> RawCheckpoint:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            _check_record_sizes(archive.infolist(), path, path.stat().st_size)
+    except CheckpointError:
+        raise
+    except MemoryError:
+        raise
+    except (
+        Exception
+    ) as exc:  # zipfile raises BadZipFile, struct.error, NotImplementedError, UnicodeDecodeError...
         raise CheckpointError(
-            f"{path}: zip archive is truncated or corrupt ({exc}); {REDOWNLOAD_HELP}"
+            f"{path}: zip archive is truncated or corrupt ({type(exc).__name__}: {exc}); {REDOWNLOAD_HELP}"
         ) from exc
     roots = [
         name[: -len("/data.pkl")] for name in names if name.endswith("/data.pkl") and name.count("/") == 1
@@ -135,6 +142,26 @@ def _read_zip(path: Path) -> RawCheckpoint:
     return _read_torch(path)
 
 
+# Deflate cannot expand data more than about 1032-fold; a record claiming more is a corrupt (or hostile) header.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_record_sizes(records: list[zipfile.ZipInfo], path: Path, file_size: int) -> None:
+    """Refuse a zip whose directory claims record sizes its bytes cannot hold, before anything is allocated
+    from them (torch and the TorchScript reader size their buffers from these fields)."""
+    for info in records:
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if (
+            info.compress_size > file_size
+            or (stored and info.file_size != info.compress_size)
+            or info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1)
+        ):
+            raise CheckpointError(
+                f"{path}: zip record {info.filename!r} claims {info.file_size:,} bytes ({info.compress_size:,} "
+                f"stored) in a {file_size:,}-byte file; the archive is truncated or corrupt; {REDOWNLOAD_HELP}"
+            )
+
+
 def _read_torch(path: Path) -> RawCheckpoint:
     """A ``torch.save`` file, loaded with ``weights_only=True`` (torch's own restricted unpickler)."""
     try:
@@ -147,9 +174,15 @@ def _read_torch(path: Path) -> RawCheckpoint:
             f"{path}: the file contains code or Python objects beyond tensors ({what}); loading it would "
             f"execute code from the file, which clipforge refuses to do. {CONVERT_HELP}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except MemoryError:
+        raise
+    except (
+        Exception
+    ) as exc:  # torch's unpickler raises IndexError, TypeError, AssertionError... on damaged bytes
+        first_line = (str(exc).splitlines() or [""])[0]
         raise CheckpointError(
-            f"{path}: torch.save file is truncated or corrupt ({str(exc).splitlines()[0]}); {REDOWNLOAD_HELP}"
+            f"{path}: torch.save file is truncated or corrupt ({type(exc).__name__}: {first_line}); "
+            f"{REDOWNLOAD_HELP}"
         ) from exc
     tensors, metadata, ignored = _unwrap(obj, path)
     return RawCheckpoint(tensors, metadata, "torch", path, tuple(ignored))
@@ -159,7 +192,9 @@ def _check_legacy_pickles(path: Path) -> None:
     """Parse (never run) the legacy format's leading pickles, so that a plain pickle reads as "not a checkpoint"
     and a truncated file as truncated rather than as unsafe."""
     # Layout: magic number, protocol version, system info, the object, storage keys, then raw storage bytes.
-    with open(path, "rb") as handle:
+    size = path.stat().st_size
+    with open(path, "rb") as raw:
+        handle = _BoundedReader(raw, size)
         try:
             first = [(op.name, arg) for op, arg, _ in pickletools.genops(handle)]
             if ("LONG1", _LEGACY_MAGIC) not in first:
@@ -167,13 +202,56 @@ def _check_legacy_pickles(path: Path) -> None:
                     f"{path}: not a checkpoint: expected safetensors, a torch.save archive or a TorchScript "
                     "archive (the file is a Python pickle without torch.save's magic number)"
                 )
-            for _ in range(4):
-                for _ in pickletools.genops(handle):
-                    pass
+            for index in range(4):
+                ops = [(op.name, arg) for op, arg, _ in pickletools.genops(handle)]
+                if index == 2 and _legacy_storage_bytes(ops) > size:  # the object pickle names the storages
+                    raise CheckpointError(
+                        f"{path}: legacy torch.save file declares {_legacy_storage_bytes(ops):,} bytes of tensor "
+                        f"data but has {size:,} bytes in all; it is truncated or corrupt; {REDOWNLOAD_HELP}"
+                    )
         except (ValueError, EOFError) as exc:
             raise CheckpointError(
                 f"{path}: legacy torch.save file is truncated or corrupt ({exc}); {REDOWNLOAD_HELP}"
             ) from exc
+
+
+class _BoundedReader:
+    """A file whose ``read(n)`` never asks for more than the bytes left: pickletools sizes its read from a
+    length field in the file, which must not become a huge allocation."""
+
+    def __init__(self, file: Any, size: int) -> None:
+        self.file = file
+        self.size = size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(self.size - self.file.tell(), 0)
+        return self.file.read(left if n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.file.readline(1 << 20)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+_STORAGE_ITEMSIZE = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
+                     "Char": 1, "Byte": 1, "Bool": 1, "ComplexDouble": 16, "ComplexFloat": 8}  # fmt: skip
+
+
+def _legacy_storage_bytes(ops: list[tuple[str, Any]]) -> int:
+    """Bytes of tensor data a legacy object pickle declares: each storage's persistent id is a tuple
+    ('storage', torch.<X>Storage, key, location, numel), so its last integer before BINPERSID is the numel."""
+    total, itemsize, numel = 0, 8, 0
+    for name, arg in ops:
+        if name == "GLOBAL" and isinstance(arg, str) and arg.startswith("torch ") and arg.endswith("Storage"):
+            itemsize = _STORAGE_ITEMSIZE.get(arg[len("torch ") : -len("Storage")], 16)
+        elif name in ("BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG") and isinstance(
+            arg, int
+        ):
+            numel = max(arg, 0)
+        elif name == "BINPERSID":
+            total += numel * itemsize
+    return total
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:

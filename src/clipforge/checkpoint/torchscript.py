@@ -9,6 +9,7 @@ import _compat_pickle
 import io
 import pickle
 import re
+import struct
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -108,6 +109,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so 
 
     def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, path: Path) -> None:
         super().__init__(io.BytesIO(data))
+        self._data_size = len(data)
         self.archive = archive
         self.root = root
         self.path = path
@@ -243,6 +245,17 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so 
 
     dispatch[pickle.BUILD[0]] = _restricted_build
 
+    def _bounded_bytearray8(self) -> None:
+        (length,) = struct.unpack("<Q", self.read(8))
+        if length > self._data_size:  # pickle's own opcode allocates ``length`` bytes before reading them
+            raise CheckpointError(
+                f"{self.path}: data.pkl declares a {length:,}-byte array in a {self._data_size:,}-byte pickle; "
+                f"the file is truncated or corrupt; {REDOWNLOAD_HELP}"
+            )
+        self.append(bytearray(self.read(length)))
+
+    dispatch[pickle.BYTEARRAY8[0]] = _bounded_bytearray8
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -285,22 +298,11 @@ def read_torchscript(
             _collect_module(obj, "", sources, tensors, ignored, path)
     except CheckpointError:
         raise
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        IndexError,
-        KeyError,
-        AttributeError,
-        RecursionError,
-    ) as exc:
+    except MemoryError:  # never from a size field: record sizes were checked against the file (reader.py)
+        raise
+    except Exception as exc:  # the unpickler, zipfile and torch raise many types on damaged bytes
         raise CheckpointError(
             f"{path}: TorchScript archive is truncated or corrupt ({type(exc).__name__}: {exc}); {REDOWNLOAD_HELP}"
-        ) from exc
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(
-            f"{path}: TorchScript archive is truncated or corrupt ({exc}); {REDOWNLOAD_HELP}"
         ) from exc
     if not tensors:
         raise CheckpointError(f"{path}: the TorchScript archive holds no parameters or buffers")

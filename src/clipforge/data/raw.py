@@ -74,6 +74,9 @@ TAR_BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * TAR_BLOCK)
 _ZERO_BLOCK = bytes(TAR_BLOCK)
 _READ_CHUNK = 1 << 24  # member data is read in pieces, so a damaged size field cannot ask for a huge buffer
+#: The largest member a shard may hold (twice the writer's default shard size): a header claiming more is
+#: corrupt, and refusing it keeps a damaged size field (or a gzip bomb) from filling memory.
+MAX_MEMBER_BYTES = 512 * 2**20
 _META_TYPES = {b"x", b"g", b"L", b"K", b"V"}  # pax headers, GNU long name/link, volume label
 _OTHER_TYPES = {b"1": "hard link", b"2": "symlink", b"3": "char device", b"4": "block device", b"6": "fifo"}
 _OTHER_TYPES |= {b"S": "GNU sparse file", b"M": "multi-volume continuation"}
@@ -155,15 +158,18 @@ def _parse_pax(data: bytes, offset: int) -> dict[str, bytes]:
     return records
 
 
-def iter_tar_members(stream: BinaryIO, *, announce: bool = False) -> Iterator[TarMember]:
+def iter_tar_members(
+    stream: BinaryIO, *, announce: bool = False, max_member_bytes: int = MAX_MEMBER_BYTES
+) -> Iterator[TarMember]:
     """The members of a tar stream in stored order, pax/GNU long names applied, meta members consumed.
 
     With ``announce=True`` each member is first yielded with ``data=None`` as soon as its header is read (so a
     caller grouping members learns that the previous group is complete before this member's data arrives),
     then again with its data. Raises :class:`TarDamage` (with the offset and the number of valid headers
     before it) when the stream ends before the end-of-archive zero block, a header fails its checksum, or a
-    read fails; every member yielded with data before that is complete. One zero block ends the archive
-    (the standard asks for two; GNU tar also accepts one).
+    read fails, or a member's size is negative or over ``max_member_bytes``; every member yielded with data
+    before that is complete. One zero block ends the archive (the standard asks for two; GNU tar also accepts
+    one).
     """
     offset = 0
     valid_headers = 0
@@ -200,6 +206,7 @@ def iter_tar_members(stream: BinaryIO, *, announce: bool = False) -> Iterator[Ta
                 kind = "dir" if typeflag == b"5" else _OTHER_TYPES.get(typeflag, "file")  # unknown: a file
                 if announce:
                     yield TarMember(name, kind, None, offset)
+            _check_size(size, name, max_member_bytes, offset)
             data = _read_exact(stream, size, offset + TAR_BLOCK)
             if len(data) < size:
                 raise TarDamage(f"the file ends inside the data of member {name!r}", offset)
@@ -216,6 +223,17 @@ def iter_tar_members(stream: BinaryIO, *, announce: bool = False) -> Iterator[Ta
     except TarDamage as damage:
         damage.valid_headers = valid_headers
         raise
+
+
+def _check_size(size: int, name: str, max_member_bytes: int, offset: int) -> None:
+    if size < 0:
+        raise TarDamage(f"corrupt member header (member {name!r} has a negative size, {size})", offset)
+    if size > max_member_bytes:
+        raise TarDamage(
+            f"member {name!r} claims {size:,} bytes, more than the {max_member_bytes:,} a shard member may "
+            "have (a corrupt size field, or not a clipforge/webdataset shard)",
+            offset,
+        )
 
 
 def _pax_int(value: bytes, offset: int) -> int:

@@ -302,19 +302,45 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"its 'format' is not {MANIFEST_FORMAT!r}")
-            shards = tuple(ShardInfo(**s) for s in data["shards"])
-            return cls(
-                shards=shards,
-                dropped=dict(data.get("dropped", {})),
-                args=dict(data.get("args", {})),
-                oversized_samples=int(data.get("oversized_samples", 0)),
-                unit_errors=tuple(data.get("unit_errors", ())),
-            )
+            if not isinstance(data["shards"], list):
+                raise ValueError("its 'shards' is not a list")
+            shards = tuple(_shard_info(entry, index) for index, entry in enumerate(data["shards"]))
+            dropped = dict(data.get("dropped", {}))
+            if not all(_is_count(n) for n in dropped.values()):
+                raise ValueError("its 'dropped' counts are not all non-negative integers")
+            oversized = data.get("oversized_samples", 0)
+            if not _is_count(oversized):
+                raise ValueError(f"its 'oversized_samples' is {oversized!r}, not a non-negative integer")
+            unit_errors = data.get("unit_errors", [])
+            if not isinstance(unit_errors, list) or not all(isinstance(u, dict) for u in unit_errors):
+                raise ValueError("its 'unit_errors' is not a list of objects")
+            return cls(shards, dropped, dict(data.get("args", {})), oversized, tuple(unit_errors))
+        except RecursionError:  # JSON nested deeper than the interpreter's stack allows
+            raise DataError(
+                f"{path}: not a readable clipforge shard manifest (its JSON is nested too deeply); delete it, "
+                "or pass use_manifest=False to read the directory's .tar files without it"
+            ) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(
                 f"{path}: not a readable clipforge shard manifest ({exc}); delete it, or pass "
                 "use_manifest=False to read the directory's .tar files without it"
             ) from exc
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shard_info(entry: Any, index: int) -> ShardInfo:
+    """One ``shards`` entry, every field checked (a manifest comes from disk, so it may be damaged)."""
+    if not isinstance(entry, dict) or set(entry) != {"name", "num_samples", "num_bytes", "sha256"}:
+        raise ValueError(f"shard entry {index} is not an object with name, num_samples, num_bytes, sha256")
+    name, sha256 = entry["name"], entry["sha256"]
+    if not isinstance(name, str) or not name or "\x00" in name or not isinstance(sha256, str):
+        raise ValueError(f"shard entry {index} has a name or sha256 that is not a non-empty string")
+    if not (_is_count(entry["num_samples"]) and _is_count(entry["num_bytes"])):
+        raise ValueError(f"shard entry {index} has counts that are not non-negative integers")
+    return ShardInfo(name, entry["num_samples"], entry["num_bytes"], sha256)
 
 
 # ----------------------------------------------------------------------------------------------------------------
