@@ -19,16 +19,16 @@ demo: $(STAMP)
 	$(PY) -m clipforge demo
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q tests
 
 # The tier to run while working (about a minute on 2 cores): every test not marked slow. `make test` stays CI's.
 test-fast: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m ruff format --check src tests benchmarks
 
 format: $(STAMP)
