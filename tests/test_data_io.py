@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from clipforge.data.folders import ImageFolderSource
 from clipforge.data.raw import DataError, DataNotFoundError, RawSample, UnitError
 from clipforge.data.shards import Manifest, ShardWriter, iter_shard, split_member_name
 from clipforge.data.sources import ConcatSource, ShardSource, Source, expand_braces, open_source, write_shards
-from clipforge.data.tables import ImageFolderSource, TableSource
+from clipforge.data.tables import TableSource
 
 
 def _jpeg(width: int = 16, height: int = 12, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
