@@ -46,6 +46,7 @@ TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 _UTF8 = {"utf-8", "utf8", "utf-8-sig", "utf_8", "utf_8_sig"}
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _MAX_NOTED_LINES = 10
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # the empty match after a \r that no \n follows
 
 
 def split_captions(text: str, separator: str | None) -> tuple[str, ...]:
@@ -118,6 +119,16 @@ def interpret_row(
     # os.path.expanduser, not Path's: an unknown "~user" stays as written instead of raising RuntimeError
     path = root / os.path.expanduser(image.strip())  # "a.jpg, caption" tables pad with spaces
     return TableRow(key, line, path, tuple(captions), rest, error, problem)
+
+
+def _csv_lines(file: io.BufferedReader) -> Iterator[bytes]:
+    """A CSV/TSV file's lines with their endings: ``\\n``, ``\\r\\n``, or a lone ``\\r`` (old Mac files, which
+    csv reads in universal-newline mode), so the byte offsets of rows stay exact."""
+    for piece in file:
+        if b"\r" not in piece[:-2]:
+            yield piece
+        else:
+            yield from (line for line in _LONE_CR.split(piece) if line)
 
 
 def _shown(value: Any) -> str:
@@ -335,7 +346,7 @@ class TableSource:
         position = {"offset": 0, "line": 1, "bad": False}
 
         def texts() -> Iterator[str]:
-            for number, raw in enumerate(file, 1):
+            for number, raw in enumerate(_csv_lines(file), 1):
                 text = self._line_text(raw, position["offset"], number)
                 if text is None:
                     text, position["bad"] = raw.decode(self.encoding, "replace"), True
@@ -426,7 +437,7 @@ class TableSource:
             self._check_not_url(first.get(self.image_column), self._lines[0])
 
     def _resolve_columns(self, header: list[str], have_header: bool) -> None:
-        found = ", ".join(repr(c) for c in header)
+        found = ", ".join(repr(c) for c in header) or "(none)"
         where = (
             f"{self.path}:{self._header_line}" if have_header and self._delimiter is not None else self.path
         )
