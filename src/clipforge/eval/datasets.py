@@ -6,6 +6,10 @@ here too, where users have always found them.
 
 Layouts
 -------
+Tables and class folders are the training data sources (:class:`~clipforge.data.tables.TableSource`, whose
+:func:`~clipforge.data.tables.interpret_row` says what a row means, and
+:class:`~clipforge.data.folders.ClassFolderSource`); this module adds only the label rules.
+
 * **Class folders**: ``ROOT/<class>/**/<image>``; class names are the folder names, sorted (or ``classnames``).
 * **Tables**: an image-path column (``image``, ``image_path``, ``filepath``, ``file``, ``path``, ``filename``),
   a label column (``label_field``: an int, or a class name), caption column(s) (``caption_field``, or detected:
