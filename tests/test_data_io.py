@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from clipforge.data.folders import ImageFolderSource
 from clipforge.data.raw import DataError, DataNotFoundError, RawSample, UnitError
 from clipforge.data.shards import Manifest, ShardWriter, iter_shard, split_member_name
 from clipforge.data.sources import ConcatSource, ShardSource, Source, expand_braces, open_source, write_shards
-from clipforge.data.tables import ImageFolderSource, TableSource
+from clipforge.data.tables import TableSource
 
 
 def _jpeg(width: int = 16, height: int = 12, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -623,3 +624,41 @@ def test_cli_data_shards_prints_exact_counts(tmp_path: Path, capsys) -> None:
     # a second run refuses to overwrite: a clear error and exit status 2, not a traceback
     assert main(["data", "shards", str(table), str(out), "--quiet"]) == 2
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_class_folders_are_a_data_source_and_rows_have_one_meaning(tmp_path: Path) -> None:
+    from clipforge.data.folders import ClassFolderSource
+    from clipforge.data.tables import interpret_row
+
+    _images(tmp_path / "tree", ["dog/b.jpg", "dog/sub/a.jpg", "cat/c.jpg", "cat/.hidden.jpg", "loose.jpg"])
+    (tmp_path / "tree" / "cat" / "notes.txt").write_text("not an image", encoding="utf-8")
+    (tmp_path / "tree" / "empty").mkdir()
+    source = ClassFolderSource(tmp_path / "tree")
+    assert source.classnames == ["cat", "dog", "empty"] and source.num_units() == 3
+    rows = [s for i in range(source.num_units()) for s in source.iter_unit(i)]
+    assert [(r.key, dict(r.extra)) for r in rows] == [
+        ("cat/c.jpg", {"label": 0, "class": "cat"}),
+        ("dog/b.jpg", {"label": 1, "class": "dog"}),
+        ("dog/sub/a.jpg", {"label": 1, "class": "dog"}),
+    ]
+    assert rows[0].image == _jpeg() and rows[0].captions == () and rows[0].error is None
+    assert [n.split(": ", 1)[1] for n in source.notes] == [
+        "1 images outside the class folders were not read",
+        "files that are not images were not read: .txt 1",
+        "1 class folders hold no images: empty",
+    ]
+    # The one row rule: caption columns in turn, the training split rule, other columns kept as fields.
+    row = interpret_row(
+        "t.csv:2", 2, {"image": " a.jpg ", "title": "x|y|", "alt": "z", "label": "3"},
+        image_column="image", caption_columns=["title", "alt"], caption_separator="|", root=tmp_path,
+    )  # fmt: skip
+    assert (
+        row.image_path == tmp_path / "a.jpg"
+        and row.captions == ("x", "y", "z")
+        and row.fields == {"label": "3"}
+    )
+    bad = interpret_row(
+        "t.jsonl:1", 1, {"image": 7, "caption": {"a": 1}}, image_column="image", caption_columns=["caption"],
+        caption_separator=None, root=tmp_path,
+    )  # fmt: skip
+    assert (bad.image_path, bad.error) == (None, "malformed_row") and "column 'image' holds 7" in bad.problem

@@ -37,7 +37,7 @@ from clipforge.data.builders.environment import (
 )
 from clipforge.data.raw import DataError
 from clipforge.data.shards import MANIFEST_NAME, Manifest, sha256_file
-from clipforge.files import atomic_directory, leftover_directories
+from clipforge.files import atomic_directory, atomic_path, leftover_directories
 
 CACHE_ENV = "CLIPFORGE_CACHE"
 CACHE_RECORD_NAME = "cache.json"
@@ -211,7 +211,7 @@ def _ensure_one(
     with atomic_directory(folder) as building:
         build(name, building, **{**options, "progress": progress})
         seconds = round(time.perf_counter() - started, 1)
-        (building / CACHE_RECORD_NAME).write_text(
-            json.dumps({**record, "build_seconds": seconds}, indent=1) + "\n", encoding="utf-8"
-        )
+        with atomic_path(building / CACHE_RECORD_NAME) as temporary:
+            text = json.dumps({**record, "build_seconds": seconds}, indent=1) + "\n"
+            temporary.write_text(text, encoding="utf-8")
     return folder

@@ -1,5 +1,6 @@
-"""The raw records every data source yields (encoded image bytes plus caption strings, nothing decoded), and
-the tar format primitives the shard reader and writer share.
+"""The raw records every data source yields (encoded image bytes plus caption strings, nothing decoded), the
+two functions training and evaluation share to read an image file and decode its bytes
+(:func:`read_image_file`, :func:`decode_image`), and the tar format primitives the shard reader and writer share.
 
 Problems are values, not exceptions: a sample that cannot be used carries an ``error`` category, and a shard
 that breaks part-way yields a :class:`UnitError` after the samples it did deliver, so callers can count every
@@ -8,11 +9,21 @@ skipped thing by reason.
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import tarfile
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
+
+from PIL import Image
+
+from clipforge.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+
+log = logging.getLogger("clipforge.data")
 
 #: File extensions (lower case, no dot) read as the sample's image; the first one present in stored order wins.
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
@@ -63,6 +74,52 @@ class UnitError:
     reason: str  # "truncated_shard" | "unreadable_shard" | "missing_shard"
     message: str  # human-readable, names the file and the fix
     samples_read: int  # samples yielded from this unit before the failure
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One sample's image: read from a file, decoded from bytes (the same two steps for training and evaluation)
+
+
+def read_image_file(path: Path) -> tuple[bytes | None, str | None]:
+    """A file's bytes, or ``(None, "missing_image" | "unreadable_image_file")``; a 0-byte file gives ``b""``.
+
+    Only regular files are read: a directory, FIFO or device (``/dev/zero``, ``/dev/stdin``) named by a table
+    row is ``unreadable_image_file``, never a hang; a path no file can have (a NUL byte, text the file system
+    cannot encode) is ``missing_image``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO would block a plain open
+    except (FileNotFoundError, NotADirectoryError):
+        return None, MISSING_IMAGE
+    except OSError:  # no permission, an I/O error, a name too long
+        return None, UNREADABLE_IMAGE_FILE
+    except ValueError:  # an embedded NUL byte, or a name the file system encoding cannot express
+        return None, MISSING_IMAGE
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, UNREADABLE_IMAGE_FILE
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read(), None
+    except OSError:
+        return None, UNREADABLE_IMAGE_FILE
+    finally:
+        os.close(fd)
+
+
+def decode_image(
+    data: bytes,
+    name: str,
+    *,
+    fill_color: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Image.Image | str:
+    """Encoded bytes -> an 8-bit RGB image (:func:`clipforge.images.load_image`), or the reason to skip the
+    sample, ``"image_" + ImageLoadError.reason`` (``image_corrupt``, ``image_empty``, ``image_too_large``, ...)."""
+    try:
+        return load_image(data, name=name, fill_color=fill_color, max_pixels=max_pixels)
+    except ImageLoadError as exc:
+        log.debug("skipped %s: %s", name, exc)
+        return f"image_{exc.reason}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

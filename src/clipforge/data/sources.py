@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from clipforge.data.folders import ImageFolderSource
 from clipforge.data.raw import DataError, DataNotFoundError, RawSample, UnitError
 from clipforge.data.shards import (
     DEFAULT_MAX_BYTES,
@@ -32,7 +33,7 @@ from clipforge.data.shards import (
     is_member_suffix,
     iter_shard,
 )
-from clipforge.data.tables import TABLE_SUFFIXES, ImageFolderSource, TableSource
+from clipforge.data.tables import TABLE_SUFFIXES, TableSource
 from clipforge.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 log = logging.getLogger("clipforge.data")

@@ -38,10 +38,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data.captions import augment_tags, mentions_colour, mentions_side
-from clipforge.data.raw import DataError, RawSample, UnitError
+from clipforge.data.raw import DataError, RawSample, UnitError, decode_image
 from clipforge.data.skipguard import SkipGuard, SkipPolicy, StreamFailure
 from clipforge.data.sources import Source
-from clipforge.images import ImageLoadError, load_image
 
 log = logging.getLogger("clipforge.data")
 
@@ -186,13 +185,11 @@ class SampleDecoder:
             return "empty_caption"
         if raw.image is None:
             return "missing_image"
-        try:
-            image = load_image(
-                raw.image, name=raw.image_name, fill_color=self.fill_color, max_pixels=self.max_pixels
-            )
-        except ImageLoadError as exc:
-            log.debug("skipped %s: %s", raw.key, exc)
-            return f"image_{exc.reason}"
+        image = decode_image(
+            raw.image, raw.image_name, fill_color=self.fill_color, max_pixels=self.max_pixels
+        )
+        if isinstance(image, str):
+            return image  # the skip reason
         if self.caption == "random" and len(captions) > 1:
             caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
         else:

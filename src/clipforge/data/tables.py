@@ -1,4 +1,8 @@
-"""Row sources: CSV/TSV/JSONL tables of (image path, caption), and folders of images with sidecar captions.
+"""CSV/TSV/JSONL tables of (image path, captions, other fields): the one table reader, for training and evaluation.
+
+:func:`interpret_row` is the one rule for what a row means (its image path, its captions, its other fields such
+as labels and class names); :class:`TableSource` serves rows as :class:`RawSample` s (training) and as
+:class:`TableRow` s without reading any image (evaluation, which needs every row's label when it opens).
 
 Each row is one unit. Opening a table scans it once, checks every row, and keeps only each row's byte offset
 and line number, so tables of millions of rows stay small in memory and any row can be read on its own (by
@@ -8,7 +12,8 @@ Bad rows: by default (``on_bad_row="error"``) a row that is not valid text in th
 wrong number of fields, or (JSONL) is not a JSON object raises :class:`DataError` naming the file and line
 while the table is opened: a table is usually hand-made, and a silently skipped row hides a bug. With
 ``on_bad_row="report"`` such rows stay units and read as ``RawSample(error="malformed_row")``, and
-``notes`` says which lines they are. Blank lines are not rows.
+``notes`` says which lines they are. Blank lines are not rows. Any bytes at all give rows or a
+:class:`DataError` whose message starts with the file (and names the line); never another exception.
 """
 
 from __future__ import annotations
@@ -21,20 +26,18 @@ import os
 import re
 from array import array
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from clipforge.data.raw import (
-    BAD_CAPTION_ENCODING,
-    IMAGE_EXTENSIONS,
     MALFORMED_ROW,
     MISSING_CAPTION,
     MISSING_IMAGE,
-    UNREADABLE_CAPTION_FILE,
-    UNREADABLE_IMAGE_FILE,
     DataError,
     RawSample,
+    read_image_file,
 )
 
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file", "path", "filename")
@@ -43,6 +46,7 @@ TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 _UTF8 = {"utf-8", "utf8", "utf-8-sig", "utf_8", "utf_8_sig"}
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _MAX_NOTED_LINES = 10
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # the empty match after a \r that no \n follows
 
 
 def split_captions(text: str, separator: str | None) -> tuple[str, ...]:
@@ -53,14 +57,83 @@ def split_captions(text: str, separator: str | None) -> tuple[str, ...]:
     return pieces or ("",)
 
 
-def read_image_file(path: Path) -> tuple[bytes | None, str | None]:
-    """A file's bytes, or ``(None, "missing_image" | "unreadable_image_file")``; a 0-byte file gives ``b""``."""
-    try:
-        return path.read_bytes(), None
-    except (FileNotFoundError, NotADirectoryError):
-        return None, MISSING_IMAGE
-    except OSError:  # a directory, no permission, an I/O error
-        return None, UNREADABLE_IMAGE_FILE
+@dataclass(frozen=True)
+class TableRow:
+    """What one table row means, before any file is read. ``error`` is a :class:`RawSample` error category
+    (``missing_image``, ``missing_caption``, ``malformed_row``) and ``problem`` says what is wrong in words,
+    naming the column; ``fields`` are the columns other than the image and caption ones (labels, classes...)."""
+
+    key: str
+    line: int
+    image_path: Path | None  # None: the row names no image file
+    captions: tuple[str, ...]
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    problem: str | None = None
+
+
+def interpret_row(
+    key: str,
+    line: int,
+    fields: Mapping[str, Any],
+    *,
+    image_column: str,
+    caption_columns: Sequence[str],
+    caption_separator: str | None,
+    root: Path,
+) -> TableRow:
+    """The one rule for what a table row means, for training and evaluation alike.
+
+    Captions: each caption column in turn gives its text split by :func:`split_captions`, or (JSONL) its list
+    of strings; an absent or null column gives nothing. A row whose caption columns all give nothing is
+    ``missing_caption`` (unless there are no caption columns); a number, object or list of non-strings is
+    ``malformed_row``. Image: an empty, absent or null path is ``missing_image``, a non-string one
+    ``malformed_row`` (these win over caption problems); the path is stripped, ``~`` expanded, and taken
+    relative to ``root`` unless absolute.
+    """
+    rest = {k: v for k, v in fields.items() if k != image_column and k not in caption_columns}
+    captions: list[str] = []
+    error = problem = None
+    given = 0
+    for column in caption_columns:
+        value = fields.get(column)
+        if isinstance(value, str):
+            captions.extend(split_captions(value, caption_separator))
+        elif isinstance(value, list) and all(isinstance(c, str) for c in value):
+            captions.extend(value)
+        elif value is not None:
+            error = MALFORMED_ROW
+            problem = f"caption column {column!r} holds {_shown(value)}; expected text or a list of texts"
+            continue
+        else:
+            continue
+        given += 1
+    if caption_columns and not given and error is None:
+        error, problem = MISSING_CAPTION, f"no caption in column(s) {', '.join(map(repr, caption_columns))}"
+    image = fields.get(image_column)
+    if not isinstance(image, str) or not image.strip():
+        malformed = image is not None and not isinstance(image, str)
+        what = f"holds {_shown(image)}, not an image path" if malformed else "is empty"
+        return TableRow(key, line, None, tuple(captions), rest, MALFORMED_ROW if malformed else MISSING_IMAGE,
+                        f"the image path in column {image_column!r} {what}")  # fmt: skip
+    # os.path.expanduser, not Path's: an unknown "~user" stays as written instead of raising RuntimeError
+    path = root / os.path.expanduser(image.strip())  # "a.jpg, caption" tables pad with spaces
+    return TableRow(key, line, path, tuple(captions), rest, error, problem)
+
+
+def _csv_lines(file: io.BufferedReader) -> Iterator[bytes]:
+    """A CSV/TSV file's lines with their endings: ``\\n``, ``\\r\\n``, or a lone ``\\r`` (old Mac files, which
+    csv reads in universal-newline mode), so the byte offsets of rows stay exact."""
+    for piece in file:
+        if b"\r" not in piece[:-2]:
+            yield piece
+        else:
+            yield from (line for line in _LONE_CR.split(piece) if line)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _stamp(stat: os.stat_result) -> tuple[int, int]:
@@ -68,16 +141,17 @@ def _stamp(stat: os.stat_result) -> tuple[int, int]:
 
 
 class TableSource:
-    """A CSV (comma), TSV (tab) or JSONL table with an image-path column and a caption column; one unit per row.
+    """A CSV (comma), TSV (tab) or JSONL table with an image-path column and caption column(s); one unit per row.
 
     Columns are found by name (case-insensitive; :data:`IMAGE_COLUMNS`, :data:`CAPTION_COLUMNS`, first match
-    wins) unless ``image_column`` / ``caption_column`` are given; ``columns`` names the columns of a CSV/TSV
-    without a header row. CSV/TSV use standard quoting (fields with commas, quotes or newlines in double
-    quotes); a UTF-8 byte-order mark is ignored; ``encoding`` must be ASCII-compatible (utf-8, latin-1, ...).
-    Image paths are relative to ``root`` if given, else to the table's folder (absolute paths are kept). A
-    caption field holding several captions is split on ``caption_separator``; a JSONL caption may also be a
-    list of strings. Other fields go to ``RawSample.extra``. Keys are ``f"{label}:{line}"``, the line where
-    the row starts (``label`` defaults to the file name).
+    wins) unless ``image_column`` / ``caption_column`` (a name, or several) are given; ``columns`` names the
+    columns of a CSV/TSV without a header row. ``captions="optional"`` lets a table have no caption column
+    (evaluation tables with labels only). CSV/TSV use standard quoting (fields with commas, quotes or newlines
+    in double quotes); a UTF-8 byte-order mark is ignored; ``encoding`` must be ASCII-compatible (utf-8,
+    latin-1, ...). Image paths are relative to ``root`` if given, else to the table's folder (absolute paths
+    are kept). What a row means is :func:`interpret_row`; its other fields go to ``RawSample.extra``. Keys are
+    ``f"{label}:{line}"``, the line where the row starts (``label`` defaults to the file name).
+    ``option_names`` are the caller's names for ``image_column`` / ``caption_column``, for messages.
 
     Per row: an empty or missing image field -> ``missing_image``; a missing file -> ``missing_image``; an
     unreadable one -> ``unreadable_image_file``; a missing (JSONL) or null caption -> ``missing_caption``;
@@ -91,13 +165,15 @@ class TableSource:
         path: str | Path,
         *,
         image_column: str | None = None,
-        caption_column: str | None = None,
+        caption_column: str | Sequence[str] | None = None,
         caption_separator: str | None = None,
         root: str | Path | None = None,
         columns: Sequence[str] | None = None,
         encoding: str = "utf-8",
         on_bad_row: Literal["error", "report"] = "error",
         label: str | None = None,
+        captions: Literal["required", "optional"] = "required",
+        option_names: Mapping[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
         suffix = self.path.suffix.lower()
@@ -115,13 +191,28 @@ class TableSource:
         self.on_bad_row = on_bad_row
         self._delimiter = TABLE_SUFFIXES[suffix]
         self._requested = (image_column, caption_column)
+        self._captions_required = captions == "required"
+        self._option_names = {"image_column": "image_column", "caption_column": "caption_column"}
+        self._option_names.update(option_names or {})
         self._columns = list(columns) if columns is not None else None
+        self._header_line = 1
         # Byte offset where each row starts, plus one entry where the last one ends.
         self._starts = array("q")
         self._lines = array("q")  # line number where each row starts
         self._bad = array("b")  # 1 for a malformed row (on_bad_row="report")
         self._bad_lines: list[str] = []
         self._fd: int | None = None
+        self._scan()
+        notes = []
+        if self._bad_lines:
+            shown = ", ".join(self._bad_lines[:_MAX_NOTED_LINES])
+            more = (
+                "" if len(self._bad_lines) <= _MAX_NOTED_LINES else f" and {len(self._bad_lines) - 10} more"
+            )
+            notes.append(f"{self.path}: {len(self._bad_lines)} malformed rows read as errors: {shown}{more}")
+        self.notes: tuple[str, ...] = tuple(notes)
+
+    def _scan(self) -> None:
         try:
             with open(self.path, "rb") as file:
                 self._stamp = _stamp(os.fstat(file.fileno()))
@@ -133,14 +224,18 @@ class TableSource:
             raise DataError(f"{self.path}: table not found; check the path") from None
         except IsADirectoryError:
             raise DataError(f"{self.path}: is a directory, not a table file") from None
-        notes = []
-        if self._bad_lines:
-            shown = ", ".join(self._bad_lines[:_MAX_NOTED_LINES])
-            more = (
-                "" if len(self._bad_lines) <= _MAX_NOTED_LINES else f" and {len(self._bad_lines) - 10} more"
-            )
-            notes.append(f"{self.path}: {len(self._bad_lines)} malformed rows read as errors: {shown}{more}")
-        self.notes: tuple[str, ...] = tuple(notes)
+        except OSError as exc:  # no permission, an I/O error
+            raise DataError(f"{self.path}: cannot read the table ({exc.strerror or exc})") from None
+
+    @property
+    def columns(self) -> list[str]:
+        """The table's column names (CSV/TSV: the header; JSONL: every key any row has, in order of appearance)."""
+        return list(self._header)
+
+    @property
+    def caption_column(self) -> str | None:
+        """The first caption column (None when a table opened with ``captions="optional"`` has none)."""
+        return self.caption_columns[0] if self.caption_columns else None
 
     # -- Source protocol --------------------------------------------------------------------------------------
 
@@ -157,44 +252,39 @@ class TableSource:
 
     def row(self, index: int) -> RawSample:
         """Row ``index`` (0-based, data rows only) as a sample; the image file is read here."""
+        entry = self.entry(index)
+        if self._bad[index]:
+            return RawSample(entry.key, None, (), entry.key, MALFORMED_ROW)
+        if entry.image_path is None:
+            shown = f"{entry.key} (no image path)"
+            return RawSample(entry.key, None, entry.captions, shown, entry.error, entry.fields)
+        image, image_error = read_image_file(entry.image_path)
+        return RawSample(
+            entry.key, image, entry.captions, str(entry.image_path), image_error or entry.error, entry.fields
+        )
+
+    def entry(self, index: int) -> TableRow:
+        """Row ``index`` (0-based, data rows only) as :func:`interpret_row` reads it; no image file is read."""
         if not 0 <= index < len(self._lines):
             raise IndexError(f"{self.path}: row {index} out of range (the table has {len(self._lines)} rows)")
-        key = f"{self.label}:{self._lines[index]}"
+        line = self._lines[index]
+        key = f"{self.label}:{line}"
         if self._bad[index]:
-            return RawSample(key, None, (), key, MALFORMED_ROW)
+            return TableRow(key, line, None, (), {}, MALFORMED_ROW, "a malformed row (see the table's notes)")
         chunk = self._read(self._starts[index], self._starts[index + 1])
-        text = self._decode(chunk, self._starts[index], self._lines[index])
+        text = self._decode(chunk, self._starts[index], line)
         if self._delimiter is None:
-            record = json.loads(text)
-            fields = dict(record)
+            fields = dict(json.loads(text))  # checked while scanning: a JSON object
         else:
-            values = next(
-                r for r in csv.reader(io.StringIO(text, newline=""), delimiter=self._delimiter) if r
-            )
+            reader = csv.reader(io.StringIO(text, newline=""), delimiter=self._delimiter)
+            values = next((r for r in reader if r), None)
+            if values is None:  # the scan found a row here; only a changed file reads otherwise
+                raise DataError(f"{self.path}:{line}: the row is gone; the table changed after it was opened")
             fields = dict(zip(self._header, values))
-        return self._sample(key, fields)
-
-    def _sample(self, key: str, fields: dict[str, Any]) -> RawSample:
-        image_value = fields.pop(self.image_column, None)
-        caption_value = fields.pop(self.caption_column, None)
-        captions: tuple[str, ...] = ()
-        error = None
-        if isinstance(caption_value, str):
-            captions = split_captions(caption_value, self.caption_separator)
-        elif isinstance(caption_value, list) and all(isinstance(c, str) for c in caption_value):
-            captions = tuple(caption_value)
-        elif caption_value is None:
-            error = MISSING_CAPTION
-        else:
-            error = MALFORMED_ROW  # a JSON number, object, or list of non-strings
-        if not isinstance(image_value, str) or not image_value.strip():
-            shown = f"{key} (no image path)"
-            if image_value is not None and not isinstance(image_value, str):
-                return RawSample(key, None, captions, shown, MALFORMED_ROW, fields)
-            return RawSample(key, None, captions, shown, MISSING_IMAGE, fields)
-        path = self.root / Path(image_value.strip()).expanduser()  # "a.jpg, caption" tables pad with spaces
-        image, image_error = read_image_file(path)
-        return RawSample(key, image, captions, str(path), image_error or error, fields)
+        return interpret_row(
+            key, line, fields, image_column=self.image_column, caption_columns=self.caption_columns,
+            caption_separator=self.caption_separator, root=self.root,
+        )  # fmt: skip
 
     def _read(self, start: int, end: int) -> bytes:
         if self._fd is None:
@@ -256,7 +346,7 @@ class TableSource:
         position = {"offset": 0, "line": 1, "bad": False}
 
         def texts() -> Iterator[str]:
-            for number, raw in enumerate(file, 1):
+            for number, raw in enumerate(_csv_lines(file), 1):
                 text = self._line_text(raw, position["offset"], number)
                 if text is None:
                     text, position["bad"] = raw.decode(self.encoding, "replace"), True
@@ -281,7 +371,7 @@ class TableSource:
             if not any(field.strip() for field in record):
                 continue  # a blank line
             if header is None:
-                header = [c.strip() for c in record]
+                header, self._header_line = [c.strip() for c in record], line
                 self._set_header(header, have_header=True)
                 continue
             bad_reason = None
@@ -302,11 +392,10 @@ class TableSource:
         self._starts.append(position["offset"])
 
     def _set_header(self, header: list[str], have_header: bool) -> None:
-        duplicates = sorted({c for c in header if header.count(c) > 1})
+        duplicates = sorted(c for c, n in Counter(header).items() if n > 1)  # not header.count: O(columns²)
         if duplicates:
-            raise DataError(
-                f"{self.path}: duplicate column names {duplicates}; rename them so no field is lost"
-            )
+            where = f"{self.path}:{self._header_line}" if have_header else f"{self.path} (columns=)"
+            raise DataError(f"{where}: duplicate column names {duplicates}; rename them so no field is lost")
         self._header = header
         self._resolve_columns(header, have_header)
 
@@ -331,6 +420,8 @@ class TableSource:
                     record = json.loads(text)
                 except ValueError as exc:
                     record, bad_reason = None, f"not valid JSON ({exc})"
+                except RecursionError:  # json nests deeper than Python's stack
+                    record, bad_reason = None, "not valid JSON here (nested too deeply)"
                 if isinstance(record, dict):
                     keys.update(dict.fromkeys(record))
                     first = first if first is not None else record
@@ -346,33 +437,43 @@ class TableSource:
             self._check_not_url(first.get(self.image_column), self._lines[0])
 
     def _resolve_columns(self, header: list[str], have_header: bool) -> None:
-        found = ", ".join(repr(c) for c in header)
-        chosen = []
-        for requested, candidates, option in (
-            (self._requested[0], IMAGE_COLUMNS, "image_column"),
-            (self._requested[1], CAPTION_COLUMNS, "caption_column"),
-        ):
-            if requested is not None:
-                if requested not in header:
-                    raise DataError(
-                        f"{self.path}: {option}={requested!r} is not a column; the columns are {found}"
-                    )
-                chosen.append(requested)
-                continue
+        found = ", ".join(repr(c) for c in header) or "(none)"
+        where = (
+            f"{self.path}:{self._header_line}" if have_header and self._delimiter is not None else self.path
+        )
+        names = self._option_names
+        requested_image, requested_caption = self._requested
+        requested_captions = [requested_caption] if isinstance(requested_caption, str) else requested_caption
+        for requested, option in ((requested_image, "image_column"), (requested_caption, "caption_column")):
+            wanted = [requested] if isinstance(requested, str) else list(requested or [])
+            missing = [r for r in wanted if r not in header]
+            if missing:
+                shown = requested if isinstance(requested, str) else missing
+                raise DataError(
+                    f"{where}: {names[option]}={shown!r} is not a column; the columns are {found}"
+                )
+        hint = ""
+        if any(c.lower() == "url" for c in header):
+            hint = "; a 'url' column means image URLs: download them first (e.g. with img2dataset)"
+        elif have_header:
+            hint = "; if the file has no header row, pass columns=[...] naming its columns"
+
+        def detect(candidates: Sequence[str], option: str, what: str, required: bool) -> str | None:
             lower = {c.lower(): c for c in reversed(header)}
             match = next((lower[c] for c in candidates if c in lower), None)
-            if match is None:
-                hint = ""
-                if any(c.lower() == "url" for c in header):
-                    hint = "; a 'url' column means image URLs: download them first (e.g. with img2dataset)"
-                elif have_header:
-                    hint = "; if the file has no header row, pass columns=[...] naming its columns"
+            if match is None and required:
                 raise DataError(
-                    f"{self.path}: cannot find the {option.split('_')[0]} column: the columns are {found}, none "
-                    f"named one of {', '.join(candidates)}; pass {option}='<name>' to open_source{hint}"
+                    f"{where}: no {what} column: the columns are {found}, none named one of "
+                    f"{', '.join(candidates)}; pass {names[option]}='<name>'{hint}"
                 )
-            chosen.append(match)
-        self.image_column, self.caption_column = chosen
+            return match
+
+        self.image_column: str = requested_image or detect(IMAGE_COLUMNS, "image_column", "image", True)  # type: ignore[assignment]
+        if requested_captions is not None:
+            self.caption_columns: tuple[str, ...] = tuple(requested_captions)
+        else:
+            detected = detect(CAPTION_COLUMNS, "caption_column", "caption", self._captions_required)
+            self.caption_columns = (detected,) if detected is not None else ()
 
     def _check_not_url(self, value: Any, line: int) -> None:
         if isinstance(value, str) and _URL.match(value.strip()):
@@ -380,103 +481,3 @@ class TableSource:
                 f"{self.path}:{line}: the image column {self.image_column!r} holds URLs ({value[:80]!r}); "
                 "clipforge reads local files: download the images first (e.g. with img2dataset)"
             )
-
-
-class ImageFolderSource:
-    """A folder of images with sidecar captions (``cat.jpg`` + ``cat.txt``), searched recursively; one unit
-    per image, in sorted order of relative path.
-
-    An image without a caption file reads as ``error="missing_caption"`` (with its bytes); a caption file
-    without an image as ``error="missing_image"``; a caption that is not UTF-8 as ``bad_caption_encoding``.
-    The whole caption file is one caption (a leading BOM dropped), or it is split on ``caption_separator``
-    (e.g. ``"\\n"`` for one caption per line). Hidden files and folders (".name") and files that are neither
-    images nor ``.txt`` are not read; ``notes`` counts them. Keys are ``f"{label}/{relative path}"``.
-    """
-
-    unit_kind: Literal["row"] = "row"
-
-    def __init__(
-        self, root: str | Path, *, caption_separator: str | None = None, label: str | None = None
-    ) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: not a directory of images")
-        self.name = str(root)
-        self.label = label if label is not None else (self.root.resolve().name or str(self.root))
-        self.caption_separator = caption_separator
-        images: list[str] = []
-        captions: dict[str, str] = {}  # relative path without suffix -> relative .txt path
-        spare_captions: list[str] = []
-        ignored: Counter[str] = Counter()
-        for directory, subdirectories, files in os.walk(self.root):
-            hidden = [d for d in subdirectories if d.startswith(".")]
-            ignored["hidden"] += len(hidden)
-            subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
-            relative_dir = Path(directory).relative_to(self.root)
-            for file_name in sorted(files):
-                relative = (relative_dir / file_name).as_posix()
-                suffix = Path(file_name).suffix.lower().lstrip(".")
-                if file_name.startswith("."):
-                    ignored["hidden"] += 1
-                elif suffix in IMAGE_EXTENSIONS:
-                    images.append(relative)
-                elif suffix == "txt":
-                    stem = relative[: -len(".txt")]
-                    if stem in captions:  # cat.txt and cat.TXT: the first (sorted) is the caption
-                        spare_captions.append(relative)
-                    else:
-                        captions[stem] = relative
-                else:
-                    ignored[f".{suffix}" if suffix else "no extension"] += 1
-        used: set[str] = set()
-        units: list[tuple[str, str | None]] = []  # (image or orphan caption path, caption path)
-        for image in images:
-            stem = image.rsplit(".", 1)[0]
-            caption = captions.get(stem)
-            if caption is not None:
-                used.add(caption)
-            units.append((image, caption))
-        orphans = [(c, c) for c in [*captions.values(), *spare_captions] if c not in used]
-        self._units = sorted(units + orphans)
-        self._orphans = {c for c, _ in orphans}
-        if not self._units:
-            raise DataError(f"{self.root}: no images (.{', .'.join(sorted(IMAGE_EXTENSIONS))}) found")
-        notes = []
-        if ignored:
-            counts = ", ".join(f"{what}: {n}" for what, n in sorted(ignored.items()) if n)
-            if counts:
-                notes.append(f"{self.root}: files not read (neither images nor .txt captions): {counts}")
-        if orphans:
-            notes.append(f"{self.root}: {len(orphans)} .txt files have no image; each reads as missing_image")
-        self.notes: tuple[str, ...] = tuple(notes)
-
-    def num_units(self) -> int:
-        return len(self._units)
-
-    def num_samples(self) -> int | None:
-        return len(self._units)
-
-    def iter_unit(self, index: int) -> Iterator[RawSample]:
-        yield self.row(index)
-
-    def row(self, index: int) -> RawSample:
-        """Unit ``index`` as a sample; the image and caption files are read here."""
-        relative, caption_file = self._units[index]
-        key = f"{self.label}/{relative}"
-        captions: tuple[str, ...] = ()
-        error = None
-        if caption_file is None:
-            error = MISSING_CAPTION
-        else:
-            caption_bytes, caption_error = read_image_file(self.root / caption_file)
-            if caption_bytes is None:
-                error = MISSING_CAPTION if caption_error == MISSING_IMAGE else UNREADABLE_CAPTION_FILE
-            else:
-                try:
-                    captions = split_captions(caption_bytes.decode("utf-8-sig"), self.caption_separator)
-                except UnicodeDecodeError:
-                    error = BAD_CAPTION_ENCODING
-        if relative in self._orphans:
-            return RawSample(key, None, captions, str(self.root / relative), MISSING_IMAGE)
-        image, image_error = read_image_file(self.root / relative)
-        return RawSample(key, image, captions, str(self.root / relative), image_error or error)

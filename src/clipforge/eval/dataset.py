@@ -24,9 +24,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipforge.data.raw import MISSING_CAPTION, RawSample
+from clipforge.data.raw import (
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    UNREADABLE_IMAGE_FILE,
+    RawSample,
+    decode_image,
+    read_image_file,
+)
 from clipforge.data.sources import Source
-from clipforge.images import ImageLoadError, load_image
 
 log = logging.getLogger("clipforge.eval")
 
@@ -34,6 +40,19 @@ _RECORDS_PER_UNIT = 256  # class-folder/table records handed to a worker at a ti
 _POSITION_BITS = 32  # shard samples are ordered by (shard index << 32) | position in the shard
 MISSING_LABEL = "missing_label"
 BAD_LABEL = "bad_label"
+# A class-folder or table file that cannot be read is counted as load_image's path reasons always were.
+_FILE_PROBLEMS = {MISSING_IMAGE: "image_missing", UNREADABLE_IMAGE_FILE: "image_unreadable"}
+
+
+def parse_int_label(text: str) -> int | None:
+    """``text`` as an integer label (``"3"``, ``" -1 "``), or None when it is not one (a class name)."""
+    stripped = text.strip()
+    if not stripped.lstrip("-").isdigit():
+        return None
+    try:
+        return int(stripped)
+    except ValueError:  # "²" is a digit to str.isdigit but not to int; so are 5,000-digit numbers
+        return None
 
 
 @dataclass(frozen=True)
@@ -268,9 +287,10 @@ class EvalDataset:
         for path in self._fingerprint_files:
             try:
                 stat = path.stat()
-                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            except OSError:
-                digest.update(f"{path}\0missing\n".encode())
+                entry = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+            except (OSError, ValueError):  # ValueError: a path no file can have (a NUL byte)
+                entry = f"{path}\0missing\n"
+            digest.update(entry.encode("utf-8", "surrogatepass"))
         return digest.hexdigest()
 
     def describe(self) -> dict[str, Any]:
@@ -295,8 +315,8 @@ class EvalDataset:
             return None, BAD_LABEL
         if isinstance(raw, (int, np.integer)):
             label = int(raw)
-        elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-            label = int(raw.strip())
+        elif isinstance(raw, str) and parse_int_label(raw) is not None:
+            label = parse_int_label(raw)
         elif isinstance(raw, str) and self._label_index is not None and raw in self._label_index:
             label = self._label_index[raw]
         else:
@@ -314,11 +334,15 @@ class EvalDataset:
             return None, None, problem
         if item.data is None:
             return None, None, "missing_image"
-        try:
-            image = load_image(item.data, name=item.key if isinstance(item.data, bytes) else None)
-        except ImageLoadError as exc:
-            log.debug("skipped %s: %s", item.key, exc)
-            return None, None, f"image_{exc.reason}"
+        data, name = item.data, item.key
+        if isinstance(data, str):  # a file of a class folder or table: read as the training sources read
+            name = data
+            data, error = read_image_file(Path(data))
+            if data is None:
+                return None, None, _FILE_PROBLEMS.get(error or "", error)
+        image = decode_image(data, name)  # the training decoder's function
+        if isinstance(image, str):
+            return None, None, image
         return image, label, None
 
     def __iter__(self) -> Iterator[EvalSample]:

@@ -6,6 +6,10 @@ here too, where users have always found them.
 
 Layouts
 -------
+Tables and class folders are the training data sources (:class:`~clipforge.data.tables.TableSource`, whose
+:func:`~clipforge.data.tables.interpret_row` says what a row means, and
+:class:`~clipforge.data.folders.ClassFolderSource`); this module adds only the label rules.
+
 * **Class folders**: ``ROOT/<class>/**/<image>``; class names are the folder names, sorted (or ``classnames``).
 * **Tables**: an image-path column (``image``, ``image_path``, ``filepath``, ``file``, ``path``, ``filename``),
   a label column (``label_field``: an int, or a class name), caption column(s) (``caption_field``, or detected:
@@ -21,30 +25,27 @@ Layouts
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
-import os
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipforge.data.raw import IMAGE_EXTENSIONS, DataError, DataNotFoundError, RawSample
+from clipforge.data.folders import ClassFolderSource
+from clipforge.data.raw import IMAGE_EXTENSIONS, MALFORMED_ROW, DataError, DataNotFoundError, RawSample
 from clipforge.data.shards import MANIFEST_NAME
 from clipforge.data.sources import SHARD_SUFFIXES, open_source
-from clipforge.data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS
+from clipforge.data.tables import TABLE_SUFFIXES, TableRow, TableSource
 from clipforge.eval.dataset import (
     BAD_LABEL,
     MISSING_LABEL,
     EvalBatch,
     EvalDataset,
     EvalSample,
-    _format_counts,
     _Record,
     _RecordBackend,
     _SourceBackend,
+    parse_int_label,
 )
 
 SPLIT_NAMES = ("train", "val", "validation", "test")
@@ -86,7 +87,7 @@ def open_eval_dataset(
     if path.is_file():
         if path.name.lower().endswith(SHARD_SUFFIXES):
             return _open_shards(text if split is None else str(path), path, label_field, given, split)
-        if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        if path.suffix.lower() in TABLE_SUFFIXES:
             return _open_table(path, label_field, given, caption_field, caption_separator, image_field, split)
         raise DataError(
             f"{path}: cannot read this kind of file as evaluation data; expected a .csv/.tsv/.jsonl table, "
@@ -106,7 +107,7 @@ def open_eval_dataset(
             "command line)"
         )
     if folders:
-        return _open_class_folders(path, folders, images_here, given, split)
+        return _open_class_folders(path, given, split)
     if images_here:
         source = (
             open_source(path, caption_separator=caption_separator) if caption_separator else open_source(path)
@@ -169,50 +170,26 @@ def read_classnames_file(path: str | Path, label_field: str = "label") -> list[s
     return names
 
 
-def _open_class_folders(
-    root: Path, folders: list[Path], loose: list[Path], given: list[str] | None, split: str | None
-) -> EvalDataset:
-    records: list[_Record] = []
-    files: list[Path] = []
-    empty: list[str] = []
-    ignored: Counter[str] = Counter()
-    for label, folder in enumerate(folders):
-        count = 0
-        for directory, subdirs, names in os.walk(folder):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            for file_name in sorted(names):
-                file_path = Path(directory) / file_name
-                if file_name.startswith("."):
-                    continue
-                if not _is_image(file_path):
-                    ignored[file_path.suffix.lower() or "no extension"] += 1
-                    continue
-                relative = file_path.relative_to(root).as_posix()
-                records.append(_Record(relative, str(file_path), label, ()))
-                files.append(file_path)
-                count += 1
-        if count == 0:
-            empty.append(folder.name)
-    notes = []
-    if loose:
-        notes.append(f"{root}: {len(loose)} images outside the class folders were not read")
-    if ignored:
-        notes.append(f"{root}: files that are not images were not read: {_format_counts(ignored)}")
-    if empty:
-        notes.append(f"{root}: {len(empty)} class folders hold no images: {', '.join(empty[:10])}")
-    folder_names = [p.name for p in folders]
-    names = folder_names
+def _open_class_folders(root: Path, given: list[str] | None, split: str | None) -> EvalDataset:
+    source = ClassFolderSource(root)  # the labels come from the folder names, through the data source
+    entries = source.entries()
+    records = [_Record(e.key, str(e.path), e.label, ()) for e in entries]
+    names = source.classnames
     if given is not None:
-        if len(given) != len(folders):
+        if len(given) != len(names):
             raise DataError(
-                f"{root}: {len(folders)} class folders but {len(given)} class names were given; give one name per "
+                f"{root}: {len(names)} class folders but {len(given)} class names were given; give one name per "
                 "folder, in the sorted order of the folder names"
             )
         names = given
-    if not records:
-        raise DataError(f"{root}: the class folders hold no images")
-    settings = {"split": split, "class_folders": folder_names}
-    return EvalDataset(str(root), "class_folders", _RecordBackend(records), names, files, settings, notes)
+    settings = {"split": split, "class_folders": source.classnames}
+    files = [e.path for e in entries]
+    return EvalDataset(
+        str(root), "class_folders", _RecordBackend(records), names, files, settings, source.notes
+    )
+
+
+_TABLE_OPTION_NAMES = {"image_column": "image_field", "caption_column": "caption_field"}
 
 
 def _open_table(
@@ -224,32 +201,16 @@ def _open_table(
     image_field: str | None,
     split: str | None,
 ) -> EvalDataset:
-    rows = list(_read_table_rows(path))
-    if not rows:
-        raise DataError(f"{path}: the table has no rows")
-    columns: dict[str, None] = {}
-    for _, row in rows:
-        columns.update(dict.fromkeys(row))
-    found = ", ".join(repr(c) for c in columns)
-    image_column = image_field or _pick(columns, IMAGE_COLUMNS)
-    if image_column is None or image_column not in columns:
-        raise DataError(
-            f"{path}: no image column (the columns are {found}); name it with image_field=... (--image-field)"
-        )
-    caption_columns: list[str] = []
-    if caption_field is not None:
-        caption_columns = [caption_field] if isinstance(caption_field, str) else list(caption_field)
-        missing = [c for c in caption_columns if c not in columns]
-        if missing:
-            raise DataError(f"{path}: caption column(s) {missing} not found; the columns are {found}")
-    else:
-        detected = _pick(columns, CAPTION_COLUMNS)
-        caption_columns = [detected] if detected is not None else []
-    has_labels = label_field in columns
-    raw_labels: list[Any] = [row.get(label_field) if has_labels else None for _, row in rows]
-    raw_labels = [v.strip() if isinstance(v, str) else v for v in raw_labels]
-    raw_labels = [None if v == "" else v for v in raw_labels]
-    named = {v for v in raw_labels if isinstance(v, str) and not v.lstrip("-").isdigit()}
+    """A table read by the training reader (:class:`~clipforge.data.tables.TableSource`): what a row means is
+    :func:`~clipforge.data.tables.interpret_row`; the label column is one of the row's other fields."""
+    source = TableSource(
+        path, image_column=image_field, caption_column=caption_field, caption_separator=caption_separator or None,
+        captions="optional", option_names=_TABLE_OPTION_NAMES,
+    )  # fmt: skip
+    rows = [source.entry(index) for index in range(source.num_units())]
+    has_labels = label_field in source.columns
+    raw_labels = [_raw_label(path, row, label_field) for row in rows]
+    named = {v for v in raw_labels if isinstance(v, str) and parse_int_label(v) is None}
     numeric = any(v is not None and v not in named for v in raw_labels)
     classnames = given
     label_index = None
@@ -266,92 +227,36 @@ def _open_table(
                 f"{path}: label(s) {unknown[:5]} in column {label_field!r} are not among the {len(label_index)} "
                 "class names given; fix the table or the class-name file"
             )
-    root = path.parent
     records: list[_Record] = []
     files = [path]
-    for (line, row), raw_label in zip(rows, raw_labels):
-        image = row.get(image_column)
-        if not isinstance(image, str) or not image.strip():
-            raise DataError(f"{path}:{line}: empty or non-text image path in column {image_column!r}")
-        image_path = (root / Path(image.strip()).expanduser()).as_posix()
-        captions = _row_captions(row, caption_columns, caption_separator, path, line)
-        records.append(_Record(f"{path.name}:{line}", image_path, raw_label, captions))
-        files.append(Path(image_path))
+    for row, raw_label in zip(rows, raw_labels):
+        if row.image_path is None or row.error == MALFORMED_ROW:
+            raise DataError(f"{path}:{row.line}: {row.problem}")
+        captions = tuple(c for c in row.captions if c.strip())  # a blank caption is no caption
+        records.append(_Record(f"{path.name}:{row.line}", row.image_path.as_posix(), raw_label, captions))
+        files.append(row.image_path)
     settings = {
         "split": split,
         "label_field": label_field if has_labels else None,
-        "caption_fields": caption_columns,
+        "caption_fields": list(source.caption_columns),
         "caption_separator": caption_separator,
-        "image_field": image_column,
+        "image_field": source.image_column,
     }
     return EvalDataset(str(path), "table", _RecordBackend(records), classnames, files, settings,
-                       label_index=label_index)  # fmt: skip
+                       notes=source.notes, label_index=label_index)  # fmt: skip
 
 
-def _pick(columns: Mapping[str, Any], candidates: Sequence[str]) -> str | None:
-    lower = {c.lower(): c for c in reversed(list(columns))}
-    return next((lower[c] for c in candidates if c in lower), None)
-
-
-def _read_table_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) of a CSV/TSV (header row first) or JSONL table."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the table ({exc})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
+def _raw_label(path: Path, row: TableRow, label_field: str) -> Any:
+    """A row's label as stored: stripped text (empty: none), a JSON number, or None."""
+    value = row.fields.get(label_field)
+    if isinstance(value, str):
+        value = value.strip() or None
+    if isinstance(value, (list, dict)):
         raise DataError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8"
-        ) from None
-    if path.suffix.lower() == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: a JSON {type(record).__name__}, not an object")
-            yield number, record
-        return
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header: list[str] | None = None
-    for values in reader:
-        if not any(v.strip() for v in values):
-            continue
-        if header is None:
-            header = [v.strip() for v in values]
-            continue
-        if len(values) != len(header):
-            raise DataError(
-                f"{path}:{reader.line_num}: {len(values)} fields but the header has {len(header)}; quote fields "
-                f"that contain {delimiter!r}"
-            )
-        yield reader.line_num, dict(zip(header, values))
-
-
-def _row_captions(
-    row: Mapping[str, Any], columns: Sequence[str], separator: str | None, path: Path, line: int
-) -> tuple[str, ...]:
-    captions: list[str] = []
-    for column in columns:
-        value = row.get(column)
-        if value is None:
-            continue
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            captions.extend(value)
-        elif isinstance(value, str):
-            pieces = value.split(separator) if separator else [value]
-            captions.extend(p.strip() for p in pieces)
-        else:
-            raise DataError(
-                f"{path}:{line}: caption column {column!r} holds {value!r}; expected text or a list"
-            )
-    return tuple(c for c in captions if c)
+            f"{path}:{row.line}: column {label_field!r} holds {type(value).__name__} {str(value)[:40]}; expected "
+            "an integer label or a class name"
+        )
+    return value
 
 
 def _open_shards(
@@ -413,13 +318,20 @@ def _classes_from_class_field(backend: _SourceBackend) -> list[str] | None:
             if not isinstance(sample, RawSample):
                 continue
             name, label = sample.extra.get("class"), backend.label_of(sample)
-            if isinstance(name, str) and isinstance(label, (int, str)) and str(label).strip().isdigit():
-                label = int(label)
-                if names.setdefault(label, name) != name:
-                    raise DataError(
-                        f"{sample.key}: label {label} is class {name!r} here but {names[label]!r} elsewhere; "
-                        "fix the shards' json 'class' fields or give the class names with a classes.json"
-                    )
+            if isinstance(label, str):
+                label = parse_int_label(label)
+            elif isinstance(label, bool) or not isinstance(label, int):
+                label = None
+            if (
+                isinstance(name, str)
+                and label is not None
+                and label >= 0
+                and names.setdefault(label, name) != name
+            ):
+                raise DataError(
+                    f"{sample.key}: label {label} is class {name!r} here but {names[label]!r} elsewhere; "
+                    "fix the shards' json 'class' fields or give the class names with a classes.json"
+                )
     if not names:
         return None
     return [names.get(i, f"class {i}") for i in range(max(names) + 1)]

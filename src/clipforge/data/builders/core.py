@@ -33,6 +33,7 @@ from PIL import Image
 from clipforge.data.builders.environment import package_versions, python_package_versions
 from clipforge.data.raw import DataError
 from clipforge.data.shards import MANIFEST_NAME, ShardWriter
+from clipforge.files import atomic_path
 
 SPLITS = ("train", "val", "test")
 HELDOUT_SPLIT = "test_heldout"
@@ -427,9 +428,7 @@ def write_dataset(
                     candidate.classes[i], dict.fromkeys(split_names, 0)
                 )
                 counts[split] += 1
-    (out / CLASSES_NAME).write_text(
-        json.dumps(class_lists, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    _write_json(out / CLASSES_NAME, class_lists)
     info: dict[str, Any] = {
         "format": "clipforge.dataset_build",
         "version": 1,
@@ -461,10 +460,14 @@ def write_dataset(
         "options": dict(options or {}),
         "notes": collected.notes,
     }
-    (out / BUILD_INFO_NAME).write_text(
-        json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    _write_json(out / BUILD_INFO_NAME, info)  # last: a folder without it is an interrupted build
     return BuildResult(out, info)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """``data`` as indented UTF-8 JSON, written atomically (a crash leaves the old file or none)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _class_lists(builder: str, collected: Collected, candidates: Sequence[Candidate]) -> dict[str, list[str]]:
