@@ -11,6 +11,7 @@ from clipforge.files import (
     AtomicFile,
     atomic_directory,
     atomic_path,
+    atomic_write_text,
     leftover_directories,
     leftover_temporaries,
 )
@@ -27,6 +28,22 @@ def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_error(tmp_pat
         raise RuntimeError("killed mid-write")
     assert target.read_bytes() == b"first"
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.bin"]
+
+
+def test_atomic_write_text_keeps_the_old_text_when_the_write_fails(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "summary.json"
+    assert atomic_write_text(target, "old ✓\n") == target and target.read_text(encoding="utf-8") == "old ✓\n"
+
+    def fail(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", fail)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(target, "new")
+    monkeypatch.undo()
+    assert target.read_text(encoding="utf-8") == "old ✓\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "summary.json"
+    ]
 
 
 def test_atomic_file_appears_only_when_committed(tmp_path: Path) -> None:

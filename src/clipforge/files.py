@@ -39,6 +39,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: readers see the old file or the new one, never a part."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 class AtomicFile:
     """A binary file written in pieces under a temporary name, which :meth:`commit` renames to ``path``.
 

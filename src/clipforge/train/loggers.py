@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from clipforge.config import ConfigError
-from clipforge.files import atomic_path
+from clipforge.files import atomic_write_text
 
 log = logging.getLogger("clipforge.train")
 
@@ -70,8 +70,7 @@ class WandbReporter:
 
         id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if resuming and id_file.exists() else secrets.token_hex(4)
-        with atomic_path(id_file) as temporary:
-            temporary.write_text(run_id + "\n")
+        atomic_write_text(id_file, run_id + "\n")
         self._run = wandb.init(
             project=settings.wandb_project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
             mode=settings.wandb_mode, config=dict(config), settings=wandb.Settings(console="off", silent=True),

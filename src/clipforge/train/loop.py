@@ -28,6 +28,7 @@ from clipforge.data.sources import open_source
 from clipforge.data.stream import Batch, default_weights
 from clipforge.device import intra_op_threads
 from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard
+from clipforge.files import atomic_write_text
 from clipforge.objectives import objective_for, save_model
 from clipforge.train import checkpoint as ckpt
 from clipforge.train import setup
@@ -198,7 +199,7 @@ class _Trainer:
         )  # fmt: skip
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
             log.info(
                 "run %s: %s, %d steps of %d pairs (%d ranks x %d micro-batches of %d), %s",
                 self.run_dir, model.config.name, total_steps, cfg.data.batch_size, env.world_size,
@@ -429,7 +430,7 @@ class _Trainer:
             summary.model_path = str(
                 save_model(run.model, self.run_dir / "model.safetensors", self.config.objective)
             )
-            (self.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
             write_loss_plot(self.run_dir)
         except OSError as exc:
             raise TrainingError(

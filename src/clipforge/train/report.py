@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from clipforge.files import atomic_write_text
 from clipforge.train.loggers import Reporter, scalars_of
 
 log = logging.getLogger("clipforge.train")
@@ -35,7 +36,7 @@ class MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a kill here loses nothing
         self._reporters = reporters() if reporters is not None else []
 
     def write(self, record: dict[str, Any], kind: str = "train") -> None:
