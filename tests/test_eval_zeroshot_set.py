@@ -69,14 +69,14 @@ def test_ensemble_can_change_the_answer():
 
 
 def test_hook_reports_each_set(monkeypatch):
-    import clipforge.eval.zeroshot_set as module
+    from clipforge.eval.hook import zero_shot_hook
 
     model, tokenizer = _toy({"red x": [1, 0, 0], "green x": [0, 1, 0], "blue x": [0, 0, 1],
                              "red y": [1, 0, 0], "green y": [0, 1, 0], "blue y": [0, 0, 1]})  # fmt: skip
     data = toy_set()
     monkeypatch.setattr("clipforge.transforms.get_transforms", lambda m: colour_transform)
     monkeypatch.setattr("clipforge.tokenizer.get_tokenizer", lambda m: tokenizer)
-    hook = module.zero_shot_sets_hook([data])
+    hook = zero_shot_hook([data])
     record = hook(type("Context", (), {"model": model})())
     assert record == {"zeroshot_toy": pytest.approx((1 + 1 + 2 / 3) / 3)}
 

@@ -33,7 +33,9 @@ def test_images_to_reach_interpolates_between_evaluations():
 
 def _set(n_classes=4):
     labels = torch.tensor([0, 0, 1, 2, 3, 3, 3, 1])
-    return ZeroShotSet(torch.zeros(8, 3, 4, 4), labels, tuple(f"c{i}" for i in range(n_classes)))
+    return ZeroShotSet.from_tensors(
+        "eval", torch.zeros(8, 3, 4, 4), labels, tuple(f"c{i}" for i in range(n_classes))
+    )
 
 
 def test_summary_ratios_follow_the_arithmetic():
@@ -47,7 +49,7 @@ def test_summary_ratios_follow_the_arithmetic():
         Curve("contrastive", 1, seen, [0.50, 0.70, 0.80, 0.90], 1.0, 1.0),
     ]
     data = _set()
-    assert data.chance == pytest.approx(3 / 8)
+    assert data.chance_top1 == pytest.approx(3 / 8)
     results = summarise(
         curves, describe(data, "top1"), ExperimentConfig(train_data=("x",), target_accuracy=0.5)
     )
@@ -108,7 +110,7 @@ def test_mean_per_class_metric_and_its_chance(monkeypatch):
 
 def test_zero_shot_set_rejects_bad_labels():
     with pytest.raises(ValueError, match=r"labels outside 0..1"):
-        ZeroShotSet(torch.zeros(2, 3, 4, 4), torch.tensor([0, 2]), ("a", "b"))
+        ZeroShotSet.from_tensors("eval", torch.zeros(2, 3, 4, 4), torch.tensor([0, 2]), ("a", "b"))
 
 
 @pytest.mark.slow
@@ -117,8 +119,8 @@ def test_short_experiment_writes_plot_and_results(tmp_path):
     images, labels = digit_images(40)
     transform = get_transforms("tiny")
     names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-    data = ZeroShotSet(torch.stack([transform(image) for image in images]),
-                       torch.tensor(labels), names, ("a handwritten digit {}.",), name="digits")  # fmt: skip
+    data = ZeroShotSet.from_tensors("digits", torch.stack([transform(image) for image in images]),
+                                    torch.tensor(labels), names, ("a handwritten digit {}.",))  # fmt: skip
     config = ExperimentConfig(
         train_data=(str(table),), seeds=(0, 1), steps=4, batch_size=16, eval_every=2,
         train_overrides={"model_overrides": {"vision.layers": 1, "text.layers": 1}, "data.num_workers": 0,

@@ -13,7 +13,7 @@ from clipforge.objectives import (
     BagOfWordsObjective,
     CaptioningObjective,
     get_objective,
-    load_model,
+    load_objective_model,
 )
 from clipforge.objectives.bag_of_words import bag_of_tokens, bag_of_words_loss
 from clipforge.tokenizer import get_tokenizer
@@ -142,7 +142,7 @@ def test_each_objective_trains_in_the_shared_loop(tmp_path, name):
     })  # fmt: skip
     summary = train(config)
     assert summary.steps == 3 and summary.final_loss is not None and math.isfinite(summary.final_loss)
-    model, objective = load_model(summary.model_path)
+    model, objective = load_objective_model(summary.model_path)
     assert objective == name and type(model).__name__ in ("BagOfWordsModel", "CaptionModel")
     with torch.no_grad():
         scores = get_objective(name).zero_shot_scorer(model, get_tokenizer(model), ["zero", "one"], ["{}"])(

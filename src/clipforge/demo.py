@@ -100,7 +100,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
 
 def _train_and_evaluate(kind, data, sets, val, digits, settings: DemoSettings, out: Path) -> dict[str, Any]:
     from clipforge.checkpoint import load_checkpoint
-    from clipforge.eval.zeroshot_set import zero_shot_sets_hook
+    from clipforge.eval.hook import zero_shot_hook
     from clipforge.train import resolve_train_config, train
 
     preset = preset_path(settings.presets.get(kind, MODELS[kind][0]))
@@ -112,7 +112,7 @@ def _train_and_evaluate(kind, data, sets, val, digits, settings: DemoSettings, o
     config = resolve_train_config(preset, overrides)
     overrides["run.eval_every"] = settings.eval_every or config.run.eval_every or max(1, config.steps // 8)
     config = resolve_train_config(preset, overrides)
-    zero_shot = zero_shot_sets_hook([val, sets["heldout_concepts"]])
+    zero_shot = zero_shot_hook([val, sets["heldout_concepts"]])
     curve: list[dict[str, float]] = []
 
     def track(context: Any) -> dict[str, float]:

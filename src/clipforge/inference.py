@@ -10,21 +10,28 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from clipforge.checkpoint import CheckpointError, load_checkpoint
 from clipforge.config import list_models
 from clipforge.data.raw import IMAGE_EXTENSIONS
+from clipforge.eval.zeroshot import build_classifier, zero_shot_probabilities
+from clipforge.features import (
+    ImageBatch,
+    ImageEmbeddings,
+    ImageFailure,
+    ImageTransform,
+    encode_image_files,
+    encode_image_tensor,
+    encode_texts,
+    iter_image_batches,
+)
 from clipforge.files import atomic_path
-from clipforge.images import ImageLoadError, load_image
 from clipforge.model import CLIP, create_model
 from clipforge.tokenizer import Tokenizer
 
@@ -34,9 +41,6 @@ log = logging.getLogger("clipforge.inference")
 EMBEDDING_SUFFIXES = (".npy", ".npz", ".parquet")
 #: Seed of the random weights a registered model name gets (so repeated runs, and the search cache, agree).
 RANDOM_WEIGHTS_SEED = 0
-
-#: What ``clipforge.get_transforms(model)`` returns: PIL image -> float tensor [3, S, S].
-ImageTransform = Callable[[Image.Image], torch.Tensor]
 
 
 class RandomWeightsWarning(UserWarning):
@@ -143,32 +147,8 @@ def build_prompts(labels: Sequence[str], template: str | None = None) -> list[st
     return [template.replace("{}", label) for label in labels]
 
 
-def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    parameter = next(model.parameters())
-    return parameter.device, parameter.dtype
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Classification
-
-
-@torch.inference_mode()
-def text_classifier(
-    model: CLIP, tokenizer: Tokenizer, labels: Sequence[str], template: str | None = None
-) -> torch.Tensor:
-    """L2-normalised text embeddings of the labels' prompts [L, D]: the zero-shot classifier's weights."""
-    device, _ = _model_device_dtype(model)
-    tokens = tokenizer(build_prompts(labels, template)).to(device)
-    return model.encode_text(tokens, normalize=True).float()
-
-
-def class_probabilities(
-    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
-) -> torch.Tensor:
-    """softmax(logit_scale * cosine) over labels: image features [N, D] (any norm), classifier [L, D]
-    normalised, ``logit_scale`` the multiplier (exp of the model's stored log-scale) -> [N, L]."""
-    cosine = F.normalize(image_features.float(), dim=-1) @ classifier.float().T
-    return (float(logit_scale) * cosine).softmax(dim=-1)
 
 
 @torch.inference_mode()
@@ -181,92 +161,26 @@ def classify(
     template: str | None = None,
 ) -> torch.Tensor:
     """Zero-shot probabilities [N, L] of N images (PIL images, or a preprocessed batch [N, 3, S, S]) over the
-    labels, each row summing to 1."""
-    classifier = text_classifier(model, tokenizer, labels, template)
-    device, dtype = _model_device_dtype(model)
+    labels, each row summing to 1: ``softmax(exp(logit_scale) * cosine)`` with the classifier of
+    :func:`label_classifier`."""
+    classifier = label_classifier(model, tokenizer, labels, template)
     if not isinstance(images, torch.Tensor):
         images = torch.stack([transform(image) for image in images])
-    features = model.encode_image(images.to(device=device, dtype=dtype))
-    return class_probabilities(features, classifier, model.logit_scale.exp()).cpu()
+    features = encode_image_tensor(model, images, batch_size=max(1, len(images)))
+    return zero_shot_probabilities(features, classifier, model.logit_scale.exp()).cpu()
+
+
+def label_classifier(
+    model: CLIP, tokenizer: Tokenizer, labels: Sequence[str], template: str | None = None
+) -> torch.Tensor:
+    """The zero-shot classifier [D, L] of free-text labels: :func:`clipforge.eval.zeroshot.build_classifier`
+    with one template (``template``, or the label itself), after :func:`build_prompts` checks the labels."""
+    build_prompts(labels, template)
+    return build_classifier(model, tokenizer, list(labels), [template or "{}"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Image batches: decoded and preprocessed in DataLoader workers, failures kept as values
-
-
-@dataclass(frozen=True)
-class ImageFailure:
-    """An image that could not be used: its key (the path), the :class:`ImageLoadError` reason and message."""
-
-    key: str
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class ImageBatch:
-    """Preprocessed images [B, 3, S, S] with their positions in the input list, and the failures among them."""
-
-    indices: list[int]
-    pixels: torch.Tensor | None
-    failures: list[tuple[int, ImageFailure]]
-
-
-class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: ImageTransform) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | ImageFailure]:
-        path = self.paths[index]
-        try:
-            return index, self.transform(load_image(path))
-        except ImageLoadError as exc:
-            return index, ImageFailure(str(path), exc.reason, str(exc))
-
-
-def _collate(items: list[tuple[int, torch.Tensor | ImageFailure]]) -> ImageBatch:
-    good = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
-    failures = [(i, x) for i, x in items if isinstance(x, ImageFailure)]
-    pixels = torch.stack([x for _, x in good]) if good else None
-    return ImageBatch([i for i, _ in good], pixels, failures)
-
-
-def iter_image_batches(
-    paths: Sequence[Path], transform: ImageTransform, *, batch_size: int = 32, workers: int = 0
-) -> Iterator[ImageBatch]:
-    """Load and preprocess ``paths`` in order, ``batch_size`` at a time (``workers`` processes decode), so only
-    one batch of pixels is held at once."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if workers < 0:
-        raise ValueError(f"workers must be 0 (load in this process) or more, got {workers}")
-    loader = DataLoader(
-        _ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers, collate_fn=_collate
-    )
-    yield from loader
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Embeddings
-
-
-@dataclass(frozen=True)
-class ImageEmbeddings:
-    """Embeddings [N, D] float32 of the images that loaded, their keys (paths), and the images that failed."""
-
-    keys: list[str]
-    embeddings: np.ndarray
-    failures: list[ImageFailure] = field(default_factory=list)
-
-
-def _progress(total: int, desc: str, unit: str, enabled: bool):  # a tqdm bar (tqdm is imported lazily)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+# Embeddings (the loops are in clipforge.features)
 
 
 @torch.inference_mode()
@@ -284,41 +198,18 @@ def embed_images(
     to load are reported (name + reason) in ``failures`` and logged; raises ``ValueError`` if every image
     failed."""
     paths = [Path(p) for p in paths]
-    result = _encode_images(model, transform, paths, normalize, batch_size, workers, progress)
+    result = encode_image_files(
+        model,
+        transform,
+        paths,
+        normalize=normalize,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
     if not result.keys and paths:
         raise ValueError(f"all {len(paths)} images failed to load; the first: {result.failures[0].message}")
     return result
-
-
-@torch.inference_mode()
-def _encode_images(
-    model: CLIP,
-    transform: ImageTransform,
-    paths: Sequence[Path],
-    normalize: bool,
-    batch_size: int,
-    workers: int,
-    progress: bool,
-) -> ImageEmbeddings:
-    device, dtype = _model_device_dtype(model)
-    keys: list[str] = []
-    chunks: list[np.ndarray] = []
-    failures: list[ImageFailure] = []
-    with _progress(len(paths), "embedding images", "img", progress and bool(paths)) as bar:
-        for batch in iter_image_batches(paths, transform, batch_size=batch_size, workers=workers):
-            failures += [failure for _, failure in batch.failures]
-            if batch.pixels is not None:
-                features = model.encode_image(
-                    batch.pixels.to(device=device, dtype=dtype), normalize=normalize
-                )
-                chunks.append(features.float().cpu().numpy())
-                keys += [str(paths[i]) for i in batch.indices]
-            bar.update(len(batch.indices) + len(batch.failures))
-    for failure in failures:
-        log.debug("skipped %s (%s)", failure.key, failure.reason)
-    width = model.config.embed_dim
-    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
-    return ImageEmbeddings(keys, embeddings.astype(np.float32, copy=False), failures)
 
 
 @torch.inference_mode()
@@ -336,15 +227,9 @@ def embed_texts(
         raise ValueError("no texts given; pass strings or a file with one text per line")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device, _ = _model_device_dtype(model)
-    chunks = []
-    with _progress(len(texts), "embedding texts", "text", progress) as bar:
-        for start in range(0, len(texts), batch_size):
-            batch = list(texts[start : start + batch_size])
-            features = model.encode_text(tokenizer(batch).to(device), normalize=normalize)
-            chunks.append(features.float().cpu().numpy())
-            bar.update(len(batch))
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    return encode_texts(
+        model, tokenizer, texts, batch_size=batch_size, normalize=normalize, progress=progress
+    )
 
 
 def check_embeddings_path(path: str | Path) -> Path:
@@ -447,14 +332,13 @@ __all__ = [
     "build_prompts",
     "check_embeddings_path",
     "checkpoint_identity",
-    "class_probabilities",
     "classify",
     "embed_images",
     "embed_texts",
     "find_images",
     "iter_image_batches",
+    "label_classifier",
     "load_model",
     "read_embeddings",
-    "text_classifier",
     "write_embeddings",
 ]

@@ -1,5 +1,6 @@
-"""Text-to-image search over a folder: rank image embeddings against a text query, an embedding cache keyed by
-each file's (resolved path, size, mtime) and the weights' identity, and a montage of the hits."""
+"""Text-to-image search over a folder: rank image embeddings against a text query, an embedding cache of per-file
+rows (each with its file's resolved path, size and mtime) under the features' identity
+(:func:`clipforge.features.feature_identity` of the weights and the preprocessing), and a montage of the hits."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforge.device import model_device
+from clipforge.features import (
+    ImageEmbeddings,
+    ImageTransform,
+    encode_image_files,
+    encode_texts,
+    feature_identity,
+)
 from clipforge.files import atomic_path
 from clipforge.images import ImageLoadError, load_image
-from clipforge.inference import ImageEmbeddings, ImageTransform, _encode_images
 from clipforge.model import CLIP
 from clipforge.tokenizer import Tokenizer
 
@@ -58,8 +64,7 @@ def search(
     """The ``top_k`` images (features [N, D], keys) closest to the text ``query``, best first."""
     if not query.strip():
         raise ValueError("the search query is empty; pass some text to search for")
-    device = model_device(model)
-    query_features = model.encode_text(tokenizer([query]).to(device), normalize=True)[0].float().cpu()
+    query_features = torch.from_numpy(encode_texts(model, tokenizer, [query])[0])
     return rank(query_features, image_features, keys, top_k)
 
 
@@ -113,11 +118,15 @@ def embed_images_cached(
     progress: bool = True,
 ) -> tuple[ImageEmbeddings, CacheStats]:
     """Normalised image embeddings like :func:`embed_images`, reusing the rows of ``cache_path`` whose file
-    (resolved path, size, mtime) is unchanged and whose weights ``identity`` (:func:`checkpoint_identity`) is
-    the same; only new or changed images are encoded. The cache is rewritten (atomically) when anything changed.
-    Images that fail to load are not cached: they are tried (and reported) again on every call."""
+    (resolved path, size, mtime) is unchanged and that were made with the same weights (``identity``: their
+    :func:`~clipforge.features.model_fingerprint`) and preprocessing (``transform``); only new or changed images
+    are encoded. The cache is rewritten (atomically) when anything changed. Images that fail to load are not
+    cached: they are tried (and reported) again on every call."""
     paths = [Path(p) for p in paths]
     cache_path = Path(cache_path)
+    identity = feature_identity(
+        kind="image_rows", model=identity, transform=repr(transform), precision="fp32"
+    )
     resolved = [str(p.resolve()) for p in paths]
     stamps = _file_stamps(paths)
     cached, cached_rows, note = _read_cache(cache_path, identity)
@@ -129,7 +138,9 @@ def embed_images_cached(
             rows[i] = cached_rows[hit[2]]
         else:
             todo.append(i)
-    fresh = _encode_images(model, transform, [paths[i] for i in todo], True, batch_size, workers, progress)
+    fresh = encode_image_files(
+        model, transform, [paths[i] for i in todo], batch_size=batch_size, workers=workers, progress=progress
+    )
     by_key = dict(zip(fresh.keys, fresh.embeddings))
     for i in todo:
         rows[i] = by_key.get(str(paths[i]))

@@ -415,19 +415,17 @@ def _cmd_overlap(args: argparse.Namespace) -> int:
 
 
 def _embedder(model: Any, precision: str) -> Any:
+    """PIL images -> normalised features float32 [B, D] (one batch), for the overlap search."""
     import torch
-    import torch.nn.functional as F
 
-    from clipforge.device import autocast_context, model_device
+    from clipforge.features import encode_image_tensor
     from clipforge.transforms import get_transforms
 
-    transform, device = get_transforms(model), model_device(model)
+    transform = get_transforms(model)
 
     def embed(images: list[Any]) -> Any:
-        batch = torch.stack([transform(image) for image in images]).to(device)
-        with torch.no_grad(), autocast_context(device, precision):
-            features = model.encode_image(batch)
-        return F.normalize(features.float(), dim=-1).cpu().numpy()
+        batch = torch.stack([transform(image) for image in images])
+        return encode_image_tensor(model, batch, batch_size=len(batch), precision=precision).numpy()
 
     return embed
 

@@ -81,9 +81,9 @@ def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    import torch
-
-    from clipforge.inference import class_probabilities, find_images, iter_image_batches, text_classifier
+    from clipforge.eval.zeroshot import zero_shot_probabilities
+    from clipforge.features import encode_image_batches
+    from clipforge.inference import find_images, iter_image_batches, label_classifier
     from clipforge.tokenizer import get_tokenizer
     from clipforge.transforms import get_transforms
 
@@ -92,26 +92,24 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     model = _load_model(args.model, args.device)
     tokenizer, transform = get_tokenizer(model), get_transforms(model)
-    classifier = text_classifier(model, tokenizer, labels, args.template)
-    parameter = next(model.parameters())
+    classifier = label_classifier(model, tokenizer, labels, args.template)
+    logit_scale = float(model.logit_scale.detach().exp())
     results: list[dict[str, Any]] = []
     failures = []
-    with torch.inference_mode():
-        logit_scale = model.logit_scale.exp()
-        for batch in iter_image_batches(paths, transform, batch_size=args.batch_size, workers=args.workers):
-            failures += [failure for _, failure in batch.failures]
-            if batch.pixels is None:
-                continue
-            features = model.encode_image(batch.pixels.to(device=parameter.device, dtype=parameter.dtype))
-            probs = class_probabilities(features, classifier, logit_scale).cpu()
-            for index, row in zip(batch.indices, probs):
-                values, order = row.topk(top_k)
-                top = [{"label": labels[j], "prob": float(p)} for p, j in zip(values, order.tolist())]
-                results.append({"image": str(paths[index]), "top": top})
-                if not args.json:
-                    print(str(paths[index]))
-                    for entry in top:
-                        print(f"  {entry['prob']:.4f}  {entry['label']}")
+    batches = iter_image_batches(paths, transform, batch_size=args.batch_size, workers=args.workers)
+    for batch, features in encode_image_batches(model, batches, pixels=lambda b: b.pixels, normalize=False):
+        failures += [failure for _, failure in batch.failures]
+        if features is None:
+            continue
+        probs = zero_shot_probabilities(features, classifier, logit_scale).cpu()
+        for index, row in zip(batch.indices, probs):
+            values, order = row.topk(top_k)
+            top = [{"label": labels[j], "prob": float(p)} for p, j in zip(values, order.tolist())]
+            results.append({"image": str(paths[index]), "top": top})
+            if not args.json:
+                print(str(paths[index]))
+                for entry in top:
+                    print(f"  {entry['prob']:.4f}  {entry['label']}")
     _report_failures(failures, len(paths), len(results), "classified")
     if not results:
         raise ValueError(f"all {len(paths)} images failed to load; nothing was classified")
@@ -210,7 +208,8 @@ def default_cache_root() -> Path:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from clipforge.inference import checkpoint_identity, embed_images, find_images
+    from clipforge.features import model_fingerprint
+    from clipforge.inference import embed_images, find_images
     from clipforge.search import default_cache_path, embed_images_cached, search, write_montage
     from clipforge.tokenizer import get_tokenizer
     from clipforge.transforms import get_transforms
@@ -226,7 +225,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         result = embed_images(model, transform, paths, **options)
         source = f"{len(result.keys)} encoded, no cache"
     else:
-        identity = checkpoint_identity(args.model)
+        identity = model_fingerprint(model)
         cache = (
             Path(args.cache)
             if args.cache

@@ -7,72 +7,36 @@ Works with any CLIP-like model: ``encode_image(images [B, 3, S, S]) -> [B, D]`` 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from clipforge.device import autocast_context, model_device
 from clipforge.eval.dataset import EvalDataset
+from clipforge.features import (
+    encode_image_batches,
+    encode_texts,
+    eval_mode,
+    feature_identity,
+    model_fingerprint,
+    progress_bar,
+    run_device,
+)
 from clipforge.files import atomic_path
 
 log = logging.getLogger("clipforge.eval")
 
-_CACHE_FORMAT = 1  # bump when what a cache entry holds changes
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model helpers
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluate in eval mode (BatchNorm statistics frozen) without gradients; restores the previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return model_device(model)
-    device = torch.device(device)
-    if model_device(model) != device:
-        model.to(device)
-    return device
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's config (when it has one) and every state-dict tensor (name, dtype, shape, bytes).
-
-    The same weights give the same fingerprint whichever file format they were loaded from; weights changed in
-    memory (a training run) give a new one.
-    """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    digest.update((config.to_json() if hasattr(config, "to_json") else type(model).__name__).encode())
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}\0{flat.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+# eval_mode, encode_texts and model_fingerprint live in the encode layer (clipforge.features); kept importable here.
+__all__ = ["EncodedImages", "FeatureCache", "encode_images", "encode_texts", "eval_mode", "model_fingerprint"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,7 +83,7 @@ def encode_images(
         from clipforge.transforms import get_transforms
 
         transform = get_transforms(model)
-    run_device = _resolve_device(model, device)
+    where = run_device(model, device)
     key = None
     if cache is not None:
         key = cache.key(
@@ -133,7 +97,7 @@ def encode_images(
         if hit is not None:
             return hit
     result = _encode_image_batches(
-        model, dataset, transform, batch_size, num_workers, run_device, precision, progress
+        model, dataset, transform, batch_size, num_workers, where, precision, progress
     )
     if cache is not None and key is not None:
         _save_encoded_images(cache, key, result)
@@ -146,7 +110,7 @@ def _encode_image_batches(
     transform: Callable[[Any], torch.Tensor],
     batch_size: int,
     num_workers: int,
-    run_device: torch.device,
+    where: torch.device,
     precision: str,
     progress: bool,
 ) -> EncodedImages:
@@ -158,18 +122,17 @@ def _encode_image_batches(
     keys: list[str] = []
     captions: list[tuple[str, ...]] = []
     skipped: Counter[str] = Counter()
-    bar = tqdm(
-        total=len(dataset), desc=f"encoding {Path(dataset.name).name}", unit="img", disable=not progress
-    )
-    with eval_mode(model), bar:
-        for batch in dataset.batches(transform, batch_size, num_workers):
+    bar = progress_bar(len(dataset), f"encoding {Path(dataset.name).name}", "img", progress)
+    batches = dataset.batches(transform, batch_size, num_workers)
+    with bar:
+        for batch, features in encode_image_batches(
+            model, batches, pixels=lambda b: b.images if b.keys else None, device=where, precision=precision
+        ):
             skipped.update(batch.skipped)
             bar.update(len(batch.keys) + sum(batch.skipped.values()))
-            if not batch.keys:
+            if features is None:
                 continue
-            with autocast_context(run_device, precision):
-                features = model.encode_image(batch.images.to(run_device))
-            chunks.append(F.normalize(features.float(), dim=-1).cpu().numpy())
+            chunks.append(features.cpu().numpy())
             labels.append(batch.labels.numpy())
             orders.append(batch.order.numpy())
             keys.extend(batch.keys)
@@ -219,32 +182,6 @@ def _save_encoded_images(cache: FeatureCache, key: str, result: EncodedImages) -
     log.info("feature cache: wrote %s", path)
 
 
-def encode_texts(
-    model: nn.Module,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    texts: Sequence[str],
-    *,
-    batch_size: int = 256,
-    device: str | torch.device | None = None,
-    precision: str = "fp32",
-    progress: bool = False,
-) -> np.ndarray:
-    """Encode ``texts``: float32 [M, D], L2-normalised, in the order given."""
-    if len(texts) == 0:
-        raise ValueError("no texts to encode")
-    run_device = _resolve_device(model, device)
-    chunks = []
-    with eval_mode(model):
-        for start in tqdm(
-            range(0, len(texts), batch_size), desc="encoding texts", unit="batch", disable=not progress
-        ):
-            tokens = tokenizer(list(texts[start : start + batch_size])).to(run_device)
-            with autocast_context(run_device, precision):
-                features = model.encode_text(tokens)
-            chunks.append(F.normalize(features.float(), dim=-1).cpu().numpy())
-    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Cache
 
@@ -263,9 +200,8 @@ class FeatureCache:
         self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
 
     def key(self, **parts: Any) -> str:
-        """sha256 of the parts (and the cache format), as hex."""
-        text = json.dumps({"format": _CACHE_FORMAT, **parts}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
+        """The entry's name: :func:`clipforge.features.feature_identity` of the parts."""
+        return feature_identity(**parts)
 
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.npz"

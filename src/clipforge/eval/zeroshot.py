@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.device import autocast_context, model_device
-from clipforge.eval.features import eval_mode
+from clipforge.device import model_device
 from clipforge.eval.templates import ClassName, check_templates, format_template
+from clipforge.features import encode_image_batches, encode_text_batches
 
 LOGIT_SCALE = 100.0
 TOP_K = 5
@@ -66,18 +66,16 @@ def build_classifier(
     renormalised. Needs only ``model.encode_text`` and a tokenizer (list[str] -> LongTensor [N, L]).
     """
     prompts, owners = class_prompts(classnames, templates)
-    run_device = model_device(model)
-    owner_index = torch.tensor(owners, device=run_device)
+    owner_index = torch.tensor(owners, device=model_device(model))
     sums: torch.Tensor | None = None
-    with eval_mode(model):
-        for start in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[start : start + batch_size]).to(run_device)
-            with autocast_context(run_device, precision):
-                features = model.encode_text(tokens)
-            features = F.normalize(features.float(), dim=-1)
-            if sums is None:
-                sums = torch.zeros(len(classnames), features.shape[-1], device=run_device)
-            sums.index_add_(0, owner_index[start : start + len(features)], features)
+    start = 0
+    for features in encode_text_batches(
+        model, tokenizer, prompts, batch_size=batch_size, precision=precision
+    ):
+        if sums is None:
+            sums = torch.zeros(len(classnames), features.shape[-1], device=features.device)
+        sums.index_add_(0, owner_index[start : start + len(features)], features)
+        start += len(features)
     assert sums is not None
     counts = torch.bincount(owner_index, minlength=len(classnames)).unsqueeze(1).float()
     weights = F.normalize(sums / counts, dim=-1).T.contiguous()
@@ -198,9 +196,21 @@ class ZeroShotTally:
         )
 
 
-def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """``100 * normalize(image_features) @ classifier`` -> [B, C] float32."""
-    return LOGIT_SCALE * F.normalize(image_features.float(), dim=-1) @ classifier.to(image_features.device)
+def zero_shot_logits(
+    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float = LOGIT_SCALE
+) -> torch.Tensor:
+    """``logit_scale * normalize(image_features) @ classifier`` -> [B, C] float32 (image features [B, D] of any
+    norm, classifier [D, C] from :func:`build_classifier`)."""
+    cosine = F.normalize(image_features.float(), dim=-1) @ classifier.float().to(image_features.device)
+    return float(logit_scale) * cosine
+
+
+def zero_shot_probabilities(
+    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """``softmax(logit_scale * cosine)`` over the classes -> [B, C]: image features [B, D] (any norm), classifier
+    [D, C] from :func:`build_classifier`, ``logit_scale`` the multiplier (a model's ``logit_scale.exp()``)."""
+    return zero_shot_logits(image_features, classifier, logit_scale).softmax(dim=-1)
 
 
 def classify_features(
@@ -240,20 +250,20 @@ def zero_shot_classify(
 
     Runs on the model's device; keeps only the confusion counts, never the features.
     """
-    device = model_device(model)
     tally = ZeroShotTally(classifier.shape[1])
     skipped: Counter[str] = Counter()
-    classifier = classifier.to(device)
-    with eval_mode(model):
-        for batch in batches:
-            if isinstance(batch, (tuple, list)):
-                images, labels = batch
-            else:
-                images, labels = batch.images, batch.labels
-                skipped.update(batch.skipped)
-            if len(labels) == 0:
-                continue
-            with autocast_context(device, precision):
-                features = model.encode_image(images.to(device))
+    classifier = classifier.to(model_device(model))
+
+    def pixels(batch: Any) -> torch.Tensor | None:
+        images, labels = batch if isinstance(batch, (tuple, list)) else (batch.images, batch.labels)
+        return images if len(labels) else None
+
+    for batch, features in encode_image_batches(
+        model, batches, pixels=pixels, precision=precision, normalize=False
+    ):
+        if not isinstance(batch, (tuple, list)):
+            skipped.update(batch.skipped)
+        if features is not None:
+            labels = batch[1] if isinstance(batch, (tuple, list)) else batch.labels
             tally.update(zero_shot_logits(features, classifier), torch.as_tensor(labels))
     return tally.result(classnames, skipped)

@@ -3,7 +3,9 @@
 The images are decoded once; the tensors for a model's eval transform are made once per transform and kept.
 :meth:`ZeroShotSet.evaluate` encodes the images once and scores every prompt mode (``single``: the first
 template; ``ensemble``: all templates) with the same features, so modes differ only in the classifier. Used by
-the demo, the experiments and any training run (:func:`zero_shot_sets_hook`).
+the demo, the Fig. 2 experiment and any training run (:func:`clipforge.eval.hook.zero_shot_hook`). A set may also
+be given already preprocessed (:meth:`ZeroShotSet.from_tensors`), and scored by any objective's zero-shot rule
+(:meth:`ZeroShotSet.accuracy`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ from clipforge.eval.intervals import (
     proportion_interval,
 )
 from clipforge.eval.templates import ClassName
+from clipforge.features import encode_image_batches, encode_image_tensor, eval_mode
 
 MODES = ("single", "ensemble")
+METRICS = ("top1", "mean_per_class")
+#: An objective's zero-shot rule: (model, tokenizer, class names, templates) -> (images [B, 3, S, S] -> scores
+#: [B, C]), as :meth:`clipforge.objectives.Objective.zero_shot_scorer`.
+ScorerFactory = Callable[[Any, Any, Sequence[str], Sequence[str]], Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -57,20 +64,34 @@ class ZeroShotSet:
     kind: str = ""
     source: str = ""  # where the images come from (a path or dataset name), for the report
     _tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _preprocessed: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        name: str,
+        pixels: torch.Tensor,
+        labels: Any,
+        classnames: Sequence[ClassName],
+        templates: Sequence[str] = ("a photo of a {}.",),
+        **details: str,
+    ) -> ZeroShotSet:
+        """A set already preprocessed: ``pixels`` [N, 3, S, S] are used as they are, whatever the transform asked
+        for (``details``: ``kind``, ``source``)."""
+        return cls(name, [], labels, tuple(classnames), tuple(templates), _preprocessed=pixels, **details)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
-        if len(self.images) != len(self.labels) or not len(self.images):
-            raise ValueError(
-                f"zero-shot set {self.name!r}: {len(self.images)} images, {len(self.labels)} labels"
-            )
+        count = len(self.images) if self._preprocessed is None else int(self._preprocessed.shape[0])
+        if count != len(self.labels) or not count:
+            raise ValueError(f"zero-shot set {self.name!r}: {count} images, {len(self.labels)} labels")
         if self.labels.min() < 0 or self.labels.max() >= len(self.classnames):
             raise ValueError(f"zero-shot set {self.name!r}: labels outside 0..{len(self.classnames) - 1}")
         if not self.templates:
             raise ValueError(f"zero-shot set {self.name!r}: no prompt templates")
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.labels)
 
     @property
     def num_classes(self) -> int:
@@ -85,17 +106,34 @@ class ZeroShotSet:
         """Accuracy of always guessing the most frequent class."""
         return float(np.bincount(self.labels).max()) / len(self.labels)
 
+    def chance_for(self, metric: str) -> float:
+        """Chance level of ``metric``: the majority share for ``top1``; for ``mean_per_class``, 1/C (what uniform
+        guessing scores on every class)."""
+        return self.chance_top1 if metric == "top1" else self.chance_mean_per_class
+
     @property
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=self.num_classes)
         return {_display(name): int(n) for name, n in zip(self.classnames, counts)}
 
-    def tensors(self, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-        """The images through ``transform``, made once per transform (keyed by its repr)."""
+    def tensors(self, transform: Callable[[Image.Image], torch.Tensor] | None) -> torch.Tensor:
+        """The images through ``transform``, made once per transform (keyed by its repr); a set made
+        :meth:`from_tensors` gives its tensors for any transform."""
+        if self._preprocessed is not None:
+            return self._preprocessed
+        if transform is None:
+            raise ValueError(f"zero-shot set {self.name!r}: its images need a transform")
         key = repr(transform)
         if key not in self._tensors:
             self._tensors[key] = torch.stack([transform(image) for image in self.images])
         return self._tensors[key]
+
+    def _pixels(self, model: torch.nn.Module, transform: Callable[..., torch.Tensor] | None) -> torch.Tensor:
+        if transform is None and self._preprocessed is None:
+            from clipforge.transforms import get_transforms
+
+            transform = get_transforms(model)
+        return self.tensors(transform)
 
     def image_features(
         self,
@@ -103,17 +141,40 @@ class ZeroShotSet:
         batch_size: int = 256,
         transform: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """L2-normalised image features [N, D] of the current weights (eval mode, no gradients); ``transform``
-        defaults to the model's eval transform."""
-        from clipforge.device import model_device
-        from clipforge.eval.features import eval_mode
-        from clipforge.transforms import get_transforms
+        """L2-normalised image features [N, D] on the CPU of the current weights (eval mode, no gradients);
+        ``transform`` defaults to the model's eval transform."""
+        return encode_image_tensor(model, self._pixels(model, transform), batch_size=batch_size)
 
-        device = model_device(model)
-        images = self.tensors(transform or get_transforms(model))
-        with eval_mode(model), torch.no_grad():
-            parts = [model.encode_image(b.to(device)).float() for b in images.split(batch_size)]
-        return torch.nn.functional.normalize(torch.cat(parts), dim=-1).cpu()
+    def accuracy(
+        self,
+        model: torch.nn.Module,
+        scorer: ScorerFactory,
+        *,
+        tokenizer: Any,
+        metric: str = "top1",
+        batch_size: int = 256,
+        transform: Callable[..., torch.Tensor] | None = None,
+    ) -> float:
+        """Zero-shot accuracy with an objective's rule (``scorer``: e.g. ``get_objective(name).zero_shot_scorer``;
+        bag-of-words and captioning models have no text classifier; ``tokenizer``: the model's) by ``metric``:
+        ``top1`` (share of images right) or ``mean_per_class`` (each class's share right, averaged over the
+        classes present). ``transform`` defaults to the model's eval transform."""
+        from clipforge.eval.zeroshot import ZeroShotTally
+
+        if metric not in METRICS:
+            raise ValueError(f"metric: unknown {metric!r}; choose from {', '.join(METRICS)}")
+        with eval_mode(model):
+            score = scorer(model, tokenizer, self.classnames, self.templates)
+        tally = ZeroShotTally(self.num_classes)
+        labels = torch.as_tensor(self.labels)
+        batches = self._pixels(model, transform).split(batch_size)
+        start = 0
+        for _, scores in encode_image_batches(model, batches, encode=score, normalize=False):
+            assert scores is not None
+            tally.update(scores.cpu(), labels[start : start + len(scores)])
+            start += len(scores)
+        result = tally.result()
+        return result.top1 if metric == "top1" else result.mean_per_class_recall
 
     def evaluate(
         self,
@@ -199,17 +260,23 @@ def load_zero_shot_set(
     templates: Sequence[str] = ("a picture of a {}.",),
     kind: str = "",
     max_images: int | None = None,
+    classnames_file: str | Path | None = None,
+    present_only: bool = False,
 ) -> ZeroShotSet:
     """Read a labelled dataset (any form :func:`clipforge.eval.datasets.open_eval_dataset` reads), decode it once.
 
     ``keep_classes``: only these class indices of the data, renumbered 0..K-1 in the given order (e.g. the
     classes of a held-out split, or the groups that make sense as zero-shot classes); ``classnames`` then names
-    the kept classes (default: the data's names). Images that fail to load are skipped (the dataset counts them).
+    the kept classes (default: the data's names; ``classnames_file``: a class names file for the data).
+    ``present_only``: the candidate classes are only those with images here (e.g. a ``test_heldout`` split whose
+    class list names every class of the dataset). Images that fail to load are skipped (the dataset counts them).
     """
     from clipforge.eval.datasets import open_eval_dataset
 
-    dataset = open_eval_dataset(spec, split=split, label_field=label_field)
+    dataset = open_eval_dataset(spec, split=split, label_field=label_field, classnames=classnames_file)
     data_names = list(dataset.classnames or [])
+    if not data_names and classnames is None:
+        raise ValueError(f"{spec}: no class names found; pass a class names file (--classnames FILE)")
     kept = list(keep_classes) if keep_classes is not None else list(range(len(data_names)))
     if not kept:
         raise ValueError(
@@ -232,20 +299,11 @@ def load_zero_shot_set(
         classnames = [data_names[c] for c in kept]
     if len(classnames) != len(kept):
         raise ValueError(f"{spec}: {len(classnames)} class names for {len(kept)} kept classes")
+    if present_only:
+        present = sorted(set(labels))
+        remap = {c: k for k, c in enumerate(present)}
+        labels, classnames = [remap[c] for c in labels], [classnames[c] for c in present]
     where = f"{spec}" + (f"/{split}" if split else "")
     return ZeroShotSet(
         name or where, images, np.asarray(labels), tuple(classnames), tuple(templates), kind, where
     )
-
-
-def zero_shot_sets_hook(
-    sets: Sequence[ZeroShotSet], mode: str = "ensemble"
-) -> Callable[[Any], dict[str, float]]:
-    """A training hook: ``{"zeroshot_<set name>": mean per-class accuracy}`` for each set at each evaluation."""
-
-    def hook(context: Any) -> dict[str, float]:
-        return {
-            f"zeroshot_{s.name}": s.evaluate(context.model, (mode,))[mode].mean_per_class.value for s in sets
-        }
-
-    return hook

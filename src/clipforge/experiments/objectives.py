@@ -21,10 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.eval.zeroshot import ZeroShotTally
+from clipforge.eval.hook import zero_shot_hook
+from clipforge.eval.zeroshot_set import ZeroShotSet
+from clipforge.eval.zeroshot_set import load_zero_shot_set as load_labelled_set
 from clipforge.objectives import OBJECTIVES, get_objective
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import HookContext, resolve_train_config, train
+from clipforge.transforms import get_transforms
 
 log = logging.getLogger("clipforge.experiments")
 
@@ -34,35 +37,6 @@ METRICS = ("top1", "mean_per_class")
 AUTO_TARGET_MARGIN = 0.2
 LABELS = {"captioning": "transformer LM (captioning)", "bag_of_words": "bag-of-words prediction",
           "contrastive": "contrastive (CLIP)"}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ZeroShotSet:
-    """A fixed evaluation set, already preprocessed with the model's eval transform."""
-
-    images: torch.Tensor  # [N, 3, S, S]
-    labels: torch.Tensor  # [N] class indices
-    classnames: tuple[str, ...]
-    templates: tuple[str, ...] = ("a photo of a {}.",)
-    name: str = "eval"
-
-    def __post_init__(self) -> None:
-        if self.images.shape[0] != self.labels.shape[0] or self.images.shape[0] == 0:
-            raise ValueError(
-                f"zero-shot set {self.name!r}: {self.images.shape[0]} images, {self.labels.shape[0]} labels"
-            )
-        if int(self.labels.max()) >= len(self.classnames) or int(self.labels.min()) < 0:
-            raise ValueError(f"zero-shot set {self.name!r}: labels outside 0..{len(self.classnames) - 1}")
-
-    @property
-    def chance(self) -> float:
-        """Accuracy of always predicting the most frequent class."""
-        return float(torch.bincount(self.labels).max()) / self.labels.shape[0]
-
-    def chance_for(self, metric: str) -> float:
-        """Chance level of ``metric``: the majority share for ``top1``; for ``mean_per_class``, 1/K with K the
-        candidate classes (what uniform guessing scores on every class)."""
-        return self.chance if metric == "top1" else 1.0 / len(self.classnames)
 
 
 @dataclass(frozen=True)
@@ -100,20 +74,8 @@ def zero_shot_accuracy(
 ) -> float:
     """Accuracy of ``model`` on ``data`` with the objective's zero-shot rule: ``top1`` (share of images right)
     or ``mean_per_class`` (each class's share right, averaged over the classes present)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        scorer = get_objective(objective_name).zero_shot_scorer(
-            model, get_tokenizer(model), data.classnames, data.templates
-        )
-        device = next(model.parameters()).device
-        tally = ZeroShotTally(len(data.classnames))
-        for start in range(0, data.images.shape[0], batch_size):
-            scores = scorer(data.images[start : start + batch_size].to(device))
-            tally.update(scores.cpu(), data.labels[start : start + batch_size])
-    model.train(was_training)
-    result = tally.result()
-    return result.top1 if metric == "top1" else result.mean_per_class_recall
+    scorer = get_objective(objective_name).zero_shot_scorer
+    return data.accuracy(model, scorer, metric=metric, batch_size=batch_size, tokenizer=get_tokenizer(model))
 
 
 def run_objectives_experiment(
@@ -145,7 +107,7 @@ def describe(data: ZeroShotSet, metric: str) -> dict[str, Any]:
     """The evaluation set as recorded in ``results.json`` (name, size, templates, metric and its chance)."""
     return {
         "name": data.name,
-        "images": int(data.images.shape[0]),
+        "images": len(data),
         "classes": len(data.classnames),
         "templates": list(data.templates),
         "chance": data.chance_for(metric),
@@ -177,11 +139,14 @@ def _write(results: dict[str, Any], out: Path) -> None:
 
 def _run_one(config: ExperimentConfig, data: ZeroShotSet, objective: str, seed: int, runs: Path) -> Curve:
     points: list[tuple[int, float]] = []
+    key = f"zeroshot_{config.metric}"
+    score = zero_shot_hook(data, scorer=get_objective(objective).zero_shot_scorer, metric=config.metric,
+                           batch_size=config.eval_batch_size, transform=get_transforms(config.model), keys=[key])  # fmt: skip
 
     def hook(ctx: HookContext) -> dict[str, float]:
-        accuracy = zero_shot_accuracy(objective, ctx.model, data, config.eval_batch_size, config.metric)
-        points.append((ctx.samples_seen, accuracy))
-        return {f"zeroshot_{config.metric}": accuracy}
+        record = score(ctx)
+        points.append((ctx.samples_seen, record[key]))
+        return record
 
     overrides = {
         "model": config.model, "objective": objective, "seed": seed, "steps": config.steps,
@@ -315,30 +280,10 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 def load_zero_shot_set(spec: str, *, model: str = "tiny", split: str | None = None, classnames: str | None = None,
                        templates: Sequence[str] = ("a photo of a {}.",), max_images: int | None = None,
                        label_field: str = "label", present_only: bool = False) -> ZeroShotSet:  # fmt: skip
-    """Read a labelled evaluation set (any form :func:`clipforge.eval.datasets.open_eval_dataset` reads) and
-    preprocess it once with ``model``'s eval transform. Images that fail to load are skipped and counted.
-    ``present_only``: the candidate classes are only those with images here (e.g. a ``test_heldout`` split
-    whose class list names every class of the dataset)."""
-    from clipforge.config import get_model_config
-    from clipforge.eval.datasets import open_eval_dataset
-    from clipforge.transforms import get_transforms
-
-    dataset = open_eval_dataset(spec, split=split, label_field=label_field, classnames=classnames)
-    if not dataset.classnames:
-        raise ValueError(f"{spec}: no class names found; pass --classnames FILE")
-    transform = get_transforms(get_model_config(model))
-    images, labels = [], []
-    for sample in dataset:
-        if sample.label is None:
-            raise ValueError(f"{spec}: sample {sample.key} has no '{label_field}' label")
-        images.append(transform(sample.image))
-        labels.append(sample.label)
-        if max_images is not None and len(images) >= max_images:
-            break
-    names = list(dataset.classnames)
-    if present_only:
-        present = sorted(set(labels))
-        remap = {c: k for k, c in enumerate(present)}
-        labels, names = [remap[c] for c in labels], [names[c] for c in present]
-    return ZeroShotSet(torch.stack(images), torch.tensor(labels), tuple(names), tuple(templates),
-                       name=f"{spec}" + (f" [{split}]" if split else "") + (f" (first {len(images)})" if max_images else ""))  # fmt: skip
+    """The experiment's evaluation set: :func:`clipforge.eval.zeroshot_set.load_zero_shot_set` (``classnames``: a
+    class names file), preprocessed once with ``model``'s eval transform and named after the data."""
+    data = load_labelled_set(spec, split=split, classnames_file=classnames, templates=templates,
+                             max_images=max_images, label_field=label_field, present_only=present_only)  # fmt: skip
+    data.name = f"{spec}" + (f" [{split}]" if split else "") + (f" (first {len(data)})" if max_images else "")
+    data.tensors(get_transforms(model))
+    return data

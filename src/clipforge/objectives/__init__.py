@@ -7,7 +7,7 @@ from clipforge.objectives.bag_of_words import BagOfWordsModel, BagOfWordsObjecti
 from clipforge.objectives.base import Objective, ZeroShotScorer, accumulate_gradients
 from clipforge.objectives.captioning import CaptioningObjective, CaptionModel
 from clipforge.objectives.contrastive import ContrastiveObjective
-from clipforge.objectives.io import load_model, save_model
+from clipforge.objectives.io import load_objective_model, save_model
 from clipforge.objectives.registry import OBJECTIVES, get_objective, objective_for
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
     "ZeroShotScorer",
     "accumulate_gradients",
     "get_objective",
-    "load_model",
+    "load_objective_model",
     "objective_for",
     "save_model",
 ]

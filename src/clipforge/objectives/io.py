@@ -26,7 +26,7 @@ def save_model(model: nn.Module, path: str | Path, objective: str) -> Path:
     return write_safetensors(model.state_dict(), path, metadata)
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, str]:
+def load_objective_model(path: str | Path) -> tuple[nn.Module, str]:
     """``(model in eval mode, objective name)`` from a file :func:`save_model` wrote."""
     path = Path(path)
     try:
