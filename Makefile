@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clipforge-installed
 
-.PHONY: demo test test-fast lint format clean venv
+.PHONY: demo test test-fast lint format clean venv debian-packages
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,18 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m clipforge demo
 
-test: $(STAMP)
+# Debian packages some tests need (the emoji font for the emoji renderer's test). Installed when missing and this
+# is root with apt-get (CI, a fresh container); elsewhere the command to run is printed and those tests fail.
+DEBIAN_PACKAGES := fonts-noto-color-emoji
+debian-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "missing Debian packages: $$missing (sudo apt-get install $$missing)"; fi; \
+	fi
+
+test: $(STAMP) debian-packages
 	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q tests
 
