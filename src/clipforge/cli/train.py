@@ -23,6 +23,7 @@ _TRAIN_SHORTCUTS = {
     "name": "run.name",
     "checkpoint_every": "run.checkpoint_every",
     "init_from": "init_from",
+    "compile": "compile",
     "lock_text": "lock.text",
     "lock_image": "lock.image",
     "text_unlocked_layers": "lock.text_unlocked_layers",
@@ -96,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="run folder name")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between training checkpoints")
     p.add_argument("--init-from", default=None, help="start from these weights instead of random init")
+    p.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the training step's model (compile=true; the CPU needs g++)")  # fmt: skip
     lit = p.add_argument_group("locked towers (LiT)")
     lit.add_argument("--lock-text", action="store_const", const=True, default=None,
                      help="freeze the text tower except its projection (lock.text)")  # fmt: skip

@@ -55,8 +55,14 @@ def use_fast_paths(module: nn.Module) -> bool:
     module is in eval mode and autograd is off. Training, and anything that needs gradients, runs the reference
     padded computation, so that a no-grad pass in train mode (the trainer's cached-feature pass) reproduces the
     gradient pass bit for bit: the fast paths give the same values only up to float32 rounding, and their index
-    ops are slow to back-propagate on the CPU (profiled: scatter_add took 16% of a bf16 training step)."""
-    return _FAST_PATHS.get() and not module.training and not torch.is_grad_enabled()
+    ops are slow to back-propagate on the CPU (profiled: scatter_add took 16% of a bf16 training step). Off
+    while ``torch.compile`` traces: the fast paths depend on the data (see :mod:`clipforge.model.compile`)."""
+    return (
+        _FAST_PATHS.get()
+        and not module.training
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def attention(

@@ -128,6 +128,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast (fp16 with a grad scaler, GPU)
     accum_steps: int = 1  # micro-batches per step; the contrastive batch stays whole (features cached)
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the training forward/backward (see clipforge.model.compile)
     loss_chunk_size: int = 0  # >0: memory-bounded exact loss over row chunks of this size
     loss: LossConfig = field(default_factory=LossConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"

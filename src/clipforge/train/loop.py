@@ -29,6 +29,7 @@ from clipforge.data.stream import Batch, default_weights
 from clipforge.device import intra_op_threads
 from clipforge.distributed import DistEnv, all_reduce_mean, init_distributed, peer_failure_guard
 from clipforge.files import atomic_write_text
+from clipforge.model.compile import compile_module
 from clipforge.objectives import objective_for, save_model
 from clipforge.train import checkpoint as ckpt
 from clipforge.train import setup
@@ -180,6 +181,8 @@ class _Trainer:
             assert self.resume_path is not None
             counters = restore(self.state, model, optim, cfg, env, self.resume_path)
         ddp_model = model if env.world_size == 1 else DistributedDataParallel(model)
+        if cfg.compile:
+            ddp_model = compile_module(ddp_model, self.device)
         deterministic = "image" in caches  # a cached image's tensor must be the same every epoch
         if deterministic:
             log.info(
