@@ -109,10 +109,12 @@ def iter_shard(path: str | Path, *, label: str | None = None) -> Iterator[RawSam
         yield UnitError(str(path), UNREADABLE_SHARD, message, 0)
         return
     with file:
-        yield from _iter_open_shard(file, path, label)
+        yield from iter_shard_stream(file, path, label)
 
 
-def _iter_open_shard(file: BinaryIO, path: Path, label: str) -> Iterator[RawSample | UnitError]:
+def iter_shard_stream(file: BinaryIO, path: str | Path, label: str) -> Iterator[RawSample | UnitError]:
+    """:func:`iter_shard` on an open binary stream (a local file, or a remote one: :mod:`clipforge.data.remote`);
+    ``path`` names it in messages."""
     stream: BinaryIO = file
     try:
         compressed = file.peek(2)[:2] == b"\x1f\x8b" if hasattr(file, "peek") else False
@@ -297,9 +299,20 @@ class Manifest:
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
         """Read a ``manifest.json``; :class:`DataError` if it is unreadable or not a clipforge manifest."""
-        path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:  # unreadable, or not UTF-8
+            raise DataError(
+                f"{path}: not a readable clipforge shard manifest ({exc}); delete it, or pass "
+                "use_manifest=False to read the directory's .tar files without it"
+            ) from exc
+        return cls.loads(text, path)
+
+    @classmethod
+    def loads(cls, text: str, path: str | Path) -> Manifest:
+        """A manifest from its JSON text (``path`` names it in errors: a file, or a URL)."""
+        try:
+            data = json.loads(text)
             if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"its 'format' is not {MANIFEST_FORMAT!r}")
             if not isinstance(data["shards"], list):
@@ -570,6 +583,7 @@ __all__ = [
     "ShardWriter",
     "is_member_suffix",
     "iter_shard",
+    "iter_shard_stream",
     "sha256_file",
     "split_member_name",
 ]

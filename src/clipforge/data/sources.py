@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from clipforge.data.folders import ImageFolderSource
 from clipforge.data.raw import DataError, DataNotFoundError, RawSample, UnitError
+from clipforge.data.remote import RemoteOptions, is_url, iter_remote_shard, open_remote_shards, url_name
 from clipforge.data.shards import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_SAMPLES,
@@ -39,7 +40,7 @@ from clipforge.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 log = logging.getLogger("clipforge.data")
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-_SHARD_OPTIONS = {"allow_missing", "use_manifest"}
+_SHARD_OPTIONS = {"allow_missing", "use_manifest", "remote_retries", "remote_backoff_s", "storage_options"}
 _TABLE_OPTIONS = {
     "image_column",
     "caption_column",
@@ -69,27 +70,38 @@ class Source(Protocol):
 
 
 class ShardSource:
-    """A list of tar shards. ``counts`` (per shard, from manifests) makes :meth:`num_samples` known."""
+    """A list of tar shards: local paths, or URLs (str) read through fsspec with ``remote``'s retries.
+    ``counts`` (per shard, from manifests) makes :meth:`num_samples` known."""
 
     unit_kind: Literal["shard"] = "shard"
 
     def __init__(
-        self, name: str, paths: Sequence[Path], counts: Sequence[int] | None = None, notes: Sequence[str] = ()
+        self,
+        name: str,
+        paths: Sequence[Path | str],
+        counts: Sequence[int] | None = None,
+        notes: Sequence[str] = (),
+        remote: RemoteOptions | None = None,
     ) -> None:
         self.name = name
-        self.paths = [Path(p) for p in paths]
+        self.paths: list[Path | str] = [p if is_url(p) else Path(p) for p in paths]
         self.counts = list(counts) if counts is not None else None
-        names = [p.name for p in self.paths]
+        names = [url_name(p) if isinstance(p, str) else p.name for p in self.paths]
         unique = len(set(names)) == len(names)
         self.labels = names if unique else [str(p) for p in self.paths]  # sample keys stay unique
         self.notes: tuple[str, ...] = tuple(notes)
+        self.remote = remote or RemoteOptions()
 
     def num_units(self) -> int:
         return len(self.paths)
 
     def iter_unit(self, index: int) -> Iterator[RawSample | UnitError]:
-        """Shard ``index``'s samples; a missing, unreadable or damaged shard ends with a :class:`UnitError`."""
-        return iter_shard(self.paths[index], label=self.labels[index])
+        """Shard ``index``'s samples; a missing, unreadable, unreachable or damaged shard ends with a
+        :class:`UnitError`."""
+        path = self.paths[index]
+        if isinstance(path, str):
+            return iter_remote_shard(path, label=self.labels[index], options=self.remote)
+        return iter_shard(path, label=self.labels[index])
 
     def num_samples(self) -> int | None:
         return sum(self.counts) if self.counts is not None else None
@@ -128,6 +140,13 @@ class ConcatSource:
         return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
 
+def with_remote_options(source: Source, options: RemoteOptions) -> Source:
+    """``source`` reading its remote shards with ``options`` (a source without shards is returned as it is)."""
+    if not isinstance(source, ShardSource):
+        return source
+    return ShardSource(source.name, source.paths, source.counts, source.notes, options)
+
+
 def source_notes(source: Source) -> tuple[str, ...]:
     """Things a source noticed while opening (files it does not read, malformed rows reported), for logs."""
     return tuple(getattr(source, "notes", ()))
@@ -147,7 +166,13 @@ def open_source(spec: str | Path, **options: Any) -> Source:
       ``data/shard-{000000..000009}.tar`` (also ``{a,b}``); a glob ``data/*.tar``;
     * a ``.csv`` / ``.tsv`` / ``.jsonl`` table (options: see :class:`~clipforge.data.tables.TableSource`);
     * a directory of images with sidecar ``.txt`` captions (no ``.tar`` files in it);
-    * several of these joined with ``::`` (all shards, or all tables/folders).
+    * several of these joined with ``::`` (all shards, or all tables/folders);
+    * shard URLs read through fsspec (``https://``, ``s3://``, ``gs://``...: :mod:`clipforge.data.remote`): one
+      ``.tar`` URL, or a brace pattern (a ``manifest.json`` beside the shards gives their sample counts unless
+      ``use_manifest=False``); a folder URL or a ``.../manifest.json`` URL reads the manifest's shard list. Remote
+      shards are not checked at opening; one that cannot be read gives ``UnitError("unreachable_shard")``.
+      Options ``remote_retries`` (3) and ``remote_backoff_s`` (1.0) set the retries (waits of backoff x 2^k),
+      ``storage_options`` (a dict) goes to fsspec (e.g. credentials).
 
     A brace pattern naming files that do not exist is an error (listing how many exist) unless
     ``allow_missing=True``, which keeps them as units that read as ``UnitError("missing_shard")``. Options
@@ -161,7 +186,7 @@ def open_source(spec: str | Path, **options: Any) -> Source:
     pieces = [p.strip() for p in text.split("::")]
     if not text.strip() or any(not p for p in pieces):
         raise DataError(f"{text!r}: empty data spec (or an empty part between '::')")
-    shard_paths: list[Path] = []
+    shard_paths: list[Path | str] = []
     shard_counts: list[int] | None = []
     shard_notes: list[str] = []
     row_sources: list[Source] = []
@@ -184,7 +209,7 @@ def open_source(spec: str | Path, **options: Any) -> Source:
         parts: list[Source] = [ShardSource(text, shard_paths), *row_sources]
         ConcatSource(text, parts)  # raises the explanatory error
     if shard_paths:
-        return ShardSource(text, shard_paths, shard_counts, shard_notes)
+        return ShardSource(text, shard_paths, shard_counts, shard_notes, _remote_options(options))
     labels = [getattr(r, "label", None) for r in row_sources]
     for source, label in zip(row_sources, labels):
         if labels.count(label) > 1:  # e.g. a/train.csv::b/train.csv: keep sample keys unique
@@ -226,8 +251,36 @@ def _take(options: Mapping[str, Any], names: set[str], used: set[str]) -> dict[s
     return taken
 
 
+def _remote_options(options: Mapping[str, Any]) -> RemoteOptions:
+    defaults = RemoteOptions()
+    retries = options.get("remote_retries", defaults.retries)
+    backoff = options.get("remote_backoff_s", defaults.backoff_s)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise DataError(f"remote_retries: must be a whole number >= 0 (e.g. 3), got {retries!r}")
+    if not isinstance(backoff, (int, float)) or isinstance(backoff, bool) or backoff < 0:
+        raise DataError(f"remote_backoff_s: must be a number of seconds >= 0 (e.g. 1.0), got {backoff!r}")
+    return RemoteOptions(retries, float(backoff), dict(options.get("storage_options") or {}))
+
+
+def _open_url(piece: str, options: Mapping[str, Any], used: set[str]) -> ShardSource:
+    """A URL part of a spec: remote shards (see :func:`open_source`)."""
+    if any(c in piece for c in "*["):
+        raise DataError(
+            f"{piece!r}: globs are not read for URLs (a remote folder cannot be listed everywhere); name the "
+            "shards with a brace pattern such as shard-{000000..000099}.tar, or give the folder's manifest.json"
+        )
+    shard_options = _take(options, _SHARD_OPTIONS, used)
+    urls = expand_braces(piece) if _BRACE.search(piece) else [piece]
+    opened = open_remote_shards(
+        urls, piece, _remote_options(options), shard_options.get("use_manifest", True)
+    )
+    return ShardSource(piece, opened.urls, opened.counts, opened.notes)
+
+
 def _open_piece(piece: str, options: Mapping[str, Any], used: set[str]) -> Source:
     """One ``::``-separated part of a spec."""
+    if is_url(piece):
+        return _open_url(piece, options, used)
     has_glob = any(c in piece for c in "*?[")
     expanded = expand_braces(piece) if _BRACE.search(piece) else [piece]
     if has_glob:

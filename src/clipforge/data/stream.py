@@ -7,6 +7,8 @@ and resumed continues with exactly the batches it would have seen:
   Partition j reads shards j, j+N, ... of a per-pass permutation of the shards (or rows of a table), so no
   two workers read the same data; with fewer shards than partitions, every partition reads every shard and
   keeps every N-th sample. Each partition's stream is infinite: pass after pass, each reshuffled.
+  Resampled (``resampled=True``, open_clip's ``--dataset-resampled``): each partition instead draws its units
+  with replacement, by a generator seeded by (seed, source, partition, draw index); there are no exact passes.
 * Several sources are mixed per sample by a seeded draw with the given weights; a seeded shuffle buffer
   shuffles within the partition. Both work on raw bytes, before decoding.
 * Each sample that leaves the buffer gets an index n; its augmentation and caption choice use a generator
@@ -17,7 +19,8 @@ and resumed continues with exactly the batches it would have seen:
   partition (w + k) mod W, so the first batch after a resume comes from the partition that was next.
 
 Broken inputs (unreadable/truncated/oversized images, empty captions, truncated shards) are skipped and
-counted by reason; nothing is dropped silently. A stream that skips too much (a whole pass without a usable
+counted by reason; nothing is dropped silently (with ``shard_failure="fail"`` a broken or unreachable shard stops
+the stream instead, with the shard's message). A stream that skips too much (a whole pass without a usable
 sample, or too large a share: :mod:`clipforge.data.skipguard`) yields a :class:`StreamFailure` instead of
 waiting forever for its next batch.
 
@@ -31,7 +34,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -44,7 +47,7 @@ from clipforge.data.sources import Source
 
 log = logging.getLogger("clipforge.data")
 
-_MIX_STREAM, _BUFFER_STREAM, _SAMPLE_STREAM = 1_000_003, 2_000_003, 3_000_017
+_MIX_STREAM, _BUFFER_STREAM, _SAMPLE_STREAM, _RESAMPLE_STREAM = 1_000_003, 2_000_003, 3_000_017, 4_000_037
 
 
 class Batch(NamedTuple):
@@ -81,9 +84,14 @@ def unit_order(num_units: int, seed: int, source_index: int, pass_no: int) -> np
 
 
 def partition_pass(
-    source: Source, index: int, part: int, parts: int, seed: int, pass_no: int
+    source: Source, index: int, part: int, parts: int, seed: int, pass_no: int, resampled: bool = False
 ) -> Iterator[Any]:
-    """One pass of partition ``part`` over ``source``: its share of a shuffled unit order."""
+    """One pass of partition ``part`` over ``source``: its share of a shuffled unit order, or with ``resampled``
+    its share of draws with replacement (:func:`resampled_units`)."""
+    if resampled:
+        for unit in resampled_units(source.num_units(), seed, index, part, parts, pass_no):
+            yield from source.iter_unit(unit)
+        return
     order = unit_order(source.num_units(), seed, index, pass_no)
     units = len(order)
     if source.unit_kind == "row" or units >= parts:
@@ -102,13 +110,30 @@ def partition_pass(
             kept += 1
 
 
+def resampled_units(
+    num_units: int, seed: int, source_index: int, part: int, parts: int, pass_no: int
+) -> list[int]:
+    """Pass ``pass_no`` of partition ``part`` when sampling with replacement (open_clip's ``--dataset-resampled``):
+    ceil(units / parts) units, each drawn uniformly by a generator seeded by (seed, source, partition, draw
+    index), so a partition's draws are the same on every run and a replayed resume sees them again. A "pass" is
+    only the partition's nominal share (the skip guard's unit of counting); the same unit can come twice in it."""
+    draws = -(-num_units // parts)
+    first = pass_no * draws
+    return [
+        int(
+            np.random.default_rng([seed, _RESAMPLE_STREAM, source_index, part, first + d]).integers(num_units)
+        )
+        for d in range(draws)
+    ]
+
+
 def _source_stream(
-    source: Source, index: int, part: int, parts: int, seed: int
+    source: Source, index: int, part: int, parts: int, seed: int, resampled: bool = False
 ) -> Iterator[tuple[int, Item]]:
     pass_no = 0
     while True:
         samples = 0
-        for item in partition_pass(source, index, part, parts, seed, pass_no):
+        for item in partition_pass(source, index, part, parts, seed, pass_no, resampled):
             if isinstance(item, RawSample):
                 samples += 1
             yield index, item
@@ -117,11 +142,17 @@ def _source_stream(
 
 
 def raw_stream(
-    sources: Sequence[Source], weights: Sequence[float], part: int, parts: int, seed: int
+    sources: Sequence[Source],
+    weights: Sequence[float],
+    part: int,
+    parts: int,
+    seed: int,
+    resampled: bool = False,
 ) -> Iterator[tuple[int, Item]]:
     """Partition ``part``'s infinite stream of (source index, item), sources mixed by ``weights``: a seeded draw
-    picks the source of each raw sample or unit error; pass-end events take no draw."""
-    streams = [_source_stream(s, i, part, parts, seed) for i, s in enumerate(sources)]
+    picks the source of each raw sample or unit error; pass-end events take no draw. ``resampled``: units are
+    drawn with replacement (:func:`resampled_units`)."""
+    streams = [_source_stream(s, i, part, parts, seed, resampled) for i, s in enumerate(sources)]
     if len(streams) == 1:
         yield from streams[0]
         return
@@ -221,6 +252,8 @@ class TrainStream(IterableDataset):
         start_batch: int = 0,
         positions: Mapping[int, int] | None = None,
         skip_policy: SkipPolicy | None = None,
+        resampled: bool = False,
+        shard_failure: Literal["skip", "fail"] = "skip",
     ) -> None:
         super().__init__()
         if not sources:
@@ -238,6 +271,10 @@ class TrainStream(IterableDataset):
         self.start_batch = start_batch
         self.positions = dict(positions or {})
         self.skip_policy = skip_policy or SkipPolicy()
+        self.resampled = resampled  # draw shards with replacement (see resampled_units)
+        if shard_failure not in ("skip", "fail"):
+            raise DataError(f"shard_failure must be 'skip' or 'fail', got {shard_failure!r}")
+        self.shard_failure = shard_failure  # a broken shard: skipped and counted, or the stream stops
 
     @property
     def num_partitions(self) -> int:
@@ -255,7 +292,7 @@ class TrainStream(IterableDataset):
     def iter_partition(self, part: int) -> Iterator[Batch | StreamFailure]:
         """Partition ``part``'s batches; ends with one :class:`StreamFailure` if the skip guard stops it."""
         items = shuffled(
-            raw_stream(self.sources, self.weights, part, self.num_partitions, self.seed),
+            raw_stream(self.sources, self.weights, part, self.num_partitions, self.seed, self.resampled),
             self.shuffle_buffer,
             self.seed,
             part,
@@ -280,7 +317,9 @@ class TrainStream(IterableDataset):
             elif isinstance(item, UnitError):
                 counts[item.reason] += 1
                 log.warning("%s", item.message)
-                continue
+                if self.shard_failure == "skip" or self.sources[source].unit_kind != "shard":
+                    continue
+                failure = _shard_failure(item, counts)
             else:
                 generator = torch.Generator().manual_seed(_seed(self.seed, _SAMPLE_STREAM, part, position))
                 position += 1
@@ -305,6 +344,14 @@ class TrainStream(IterableDataset):
                 yield Batch(torch.stack(images), tokens, part, position, dict(counts), tuple(keys))
                 counts.clear()
                 images, captions, keys = [], [], []
+
+
+def _shard_failure(error: UnitError, counts: Counter[str]) -> StreamFailure:
+    return StreamFailure(
+        f"a shard failed and data.shard_failure=fail stops the run: {error.message}. Fix or remove the shard, "
+        "or set data.shard_failure=skip to skip and count broken shards",
+        dict(counts),
+    )
 
 
 def default_weights(sources: Sequence[Source]) -> list[float]:

@@ -39,6 +39,16 @@ class DataConfig:
     # shuffle the kept ones after the first (clipforge.data.captions.augment_tags). Other captions are unchanged.
     tag_dropout: float = 0.0
     tag_shuffle: bool = False
+    # Remote shards (https://, s3://, gs://): re-opens after a connection error or 5xx, waiting
+    # remote_backoff_s x 2^k; then a shard that still fails (or any broken shard) is skipped and counted
+    # ("skip") or stops the run ("fail").
+    remote_retries: int = 3
+    remote_backoff_s: float = 1.0
+    shard_failure: Literal["skip", "fail"] = "skip"
+    # Draw shards with replacement (open_clip's --dataset-resampled); there are no passes, so with `epochs` an
+    # epoch is epoch_samples samples.
+    resampled: bool = False
+    epoch_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,9 @@ def validate_train_config(config: TrainConfig) -> TrainConfig:
         "data.max_skip_fraction": 0.0 <= d.max_skip_fraction <= 1.0,
         "data.skip_window": d.skip_window > 0,
         "data.loader_timeout_s": d.loader_timeout_s >= 0,
+        "data.remote_retries": d.remote_retries >= 0,
+        "data.remote_backoff_s": d.remote_backoff_s >= 0,
+        "data.epoch_samples": d.epoch_samples >= 0,
         "optim.lr": o.lr > 0,
         "optim.warmup_steps": o.warmup_steps >= 0,
         "run.log_every": r.log_every > 0,
@@ -217,6 +230,16 @@ def _validate_recipes(config: TrainConfig) -> None:
         )
     if not 0.0 <= d.tag_dropout < 1.0:
         raise ConfigError(f"data.tag_dropout: a probability in [0, 1) (e.g. 0.3), got {d.tag_dropout}")
+    if d.epoch_samples and not d.resampled:
+        raise ConfigError(
+            "data.epoch_samples: sets the epoch of resampled data; set data.resampled=true, or remove it (without "
+            "resampling an epoch is one pass over the data)"
+        )
+    if d.resampled and config.epochs and not d.epoch_samples:
+        raise ConfigError(
+            "data.epoch_samples: resampled data (data.resampled=true) has no passes, so epochs needs the samples "
+            "per epoch: set data.epoch_samples (e.g. the dataset's size), or set steps instead of epochs"
+        )
 
 
 # SigLIP's initialisation (Zhai et al. 2023): t' = log 10, b = -10.

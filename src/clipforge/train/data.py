@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from clipforge.data.remote import RemoteOptions
 from clipforge.data.skipguard import SkipPolicy, StreamFailure
-from clipforge.data.sources import Source
+from clipforge.data.sources import Source, with_remote_options
 from clipforge.data.stream import Batch, SampleDecoder, TrainStream
 from clipforge.distributed import DistEnv
 from clipforge.tokenizer import get_tokenizer
@@ -47,12 +48,14 @@ def build_batches(
         tag_dropout=data.tag_dropout,
         tag_shuffle=data.tag_shuffle,
     )
+    remote = RemoteOptions(data.remote_retries, data.remote_backoff_s)
     stream = TrainStream(
-        sources, weights, decoder, get_tokenizer(model),
+        [with_remote_options(s, remote) for s in sources], weights, decoder, get_tokenizer(model),
         batch_size=micro_batch_size, seed=config.seed, rank=env.rank, world_size=env.world_size,
         num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
         start_batch=start_step * config.accum_steps, positions=positions,
         skip_policy=SkipPolicy(data.max_skip_fraction, data.skip_window),
+        resampled=data.resampled, shard_failure=data.shard_failure,
     )  # fmt: skip
     return iter(train_loader(stream, data.num_workers, device, data.loader_timeout_s))
 

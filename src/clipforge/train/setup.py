@@ -95,6 +95,8 @@ def dataset_size(sources: Sequence[Source]) -> int | None:
 def total_steps(config: TrainConfig, size: int | None) -> int:
     if config.steps:
         return config.steps
+    if config.data.resampled:  # no passes: an epoch is data.epoch_samples samples (validated as set)
+        size = config.data.epoch_samples
     if not size:
         raise ConfigError(
             "epochs needs the dataset size, which these sources do not record (no manifest.json); set steps"
