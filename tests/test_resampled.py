@@ -106,6 +106,7 @@ def test_training_resampled_resumes_bitwise(shards, tmp_path):
 def test_epochs_of_resampled_data_are_epoch_samples_long(shards, tmp_path):
     summary = train(_config(shards, tmp_path, "epochs", epochs=2, **{"data.epoch_samples": 20}))
     assert summary.steps == 5  # ceil(2 x 20 / 8)
+    assert summary.epochs == pytest.approx(40 / 20)  # 5 steps x 8 pairs, counted in epochs of 20
     with pytest.raises(ConfigError, match="data.epoch_samples: resampled data .* has no passes"):
         _config(shards, tmp_path, "x", epochs=1)
     with pytest.raises(ConfigError, match="data.epoch_samples: sets the epoch of resampled data"):

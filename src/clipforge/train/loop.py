@@ -170,7 +170,7 @@ class _Trainer:
         cfg, env = self.config, self.env
         model, caches = setup.build_model(cfg, self.objective, self.device)
         sources = [open_source(spec) for spec in cfg.data.train]
-        dataset_size = setup.dataset_size(sources)
+        dataset_size = setup.dataset_size(sources, cfg)
         total_steps = setup.total_steps(cfg, dataset_size)
         optimizer = build_optimizer(model, cfg.optim)
         optim = Optimization(

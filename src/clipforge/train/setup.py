@@ -86,8 +86,11 @@ def _nested(overrides: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def dataset_size(sources: Sequence[Source]) -> int | None:
-    """Pairs per epoch when every source records its size, else None."""
+def dataset_size(sources: Sequence[Source], config: TrainConfig | None = None) -> int | None:
+    """Pairs per epoch: ``data.epoch_samples`` when resampling, else the sources' sizes when every source
+    records its size, else None."""
+    if config is not None and config.data.resampled and config.data.epoch_samples:
+        return config.data.epoch_samples
     sizes = [s.num_samples() for s in sources]
     return sum(sizes) if all(sizes) else None
 
