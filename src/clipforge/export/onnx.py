@@ -1,14 +1,16 @@
 """Export both towers of a CLIP to ONNX (``DIR/image_encoder.onnx``, ``DIR/text_encoder.onnx``, ``DIR/export.json``)
 and prove the graphs compute what the PyTorch model computes.
 
-**Exporter.** torch 2.14's default, the torch.export-based ("dynamo") exporter, gives graphs as exact as the
-TorchScript one (max |Δ| ~1e-6 on ``tiny``) but takes 7-10x as long to export (``tiny``: 21 s against 2.4 s;
-ViT-B/32's text tower did not finish in 8 minutes on the project's 2 busy cores), which would put the parity
-tests of three architectures past any test budget. The TorchScript exporter (``dynamo=False``) traces the same
-computation in seconds, with dynamic batch and text-length axes from ``dynamic_axes``, and its graphs run as fast
-in onnxruntime (``benchmarks/bench_onnx.py``). It is deprecated in torch 2.9+ (a ``DeprecationWarning``, which
-:func:`export_onnx` silences) but present in the pinned torch; when it goes, ``dynamo=True`` with
-``dynamic_shapes`` is the switch to flip (:data:`EXPORTER`).
+**Exporter.** Both of torch 2.14's exporters were tried (ViT-B/32 and ``tiny``, the same process and inputs).
+The torch.export-based ("dynamo") default gives graphs as exact (max |Δ| ~1e-6) and as fast in onnxruntime
+(ViT-B/32, 2 threads: images 8.1 against 7.7 s, texts 10.8 against 11.4 s per batch on a busy machine), but
+with a dynamic text-length axis its export of ViT-B/32's text tower had not finished after 8 minutes (batch
+axis only: 12 s), it takes 21 s for both of ``tiny``'s towers (2.4 s here), and it writes the weights to a separate
+``.onnx.data`` file. The TorchScript exporter (``dynamo=False``) traces in seconds, with dynamic batch and
+text-length axes from ``dynamic_axes`` (onnxruntime then runs each group of texts cut to its longest, see
+:class:`~clipforge.export.runtime.OnnxCLIP`), one self-contained file per tower. It is deprecated since torch
+2.9 (a ``DeprecationWarning``, silenced here) but present in the pinned torch; when it goes, ``dynamo=True``
+with ``dynamic_shapes`` is the switch to flip (:data:`EXPORTER`).
 
 **What is traced.** The reference computation (``clipforge.fast_paths(False)``), since the packed-text fast path
 has shapes that depend on the tokens: the image tower's ``encode_image`` and the text tower's
@@ -240,7 +242,7 @@ def _manifest(
     config = model.config
     size, length, dim = config.vision.image_size, config.text.context_length, config.embed_dim
     bias = model.logit_bias
-    return {
+    manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "architecture": config.name,
@@ -269,3 +271,4 @@ def _manifest(
         "logit_bias": None if bias is None else float(bias.detach()),
         "config": config.to_dict(),
     }  # fmt: skip
+    return json.loads(json.dumps(manifest))  # as export.json reads back: lists, not tuples
