@@ -16,7 +16,7 @@ import clipforge
 from clipforge.cli import main
 from clipforge.config import config_from_dict
 from clipforge.export.manifest import IMAGE_FILE, MANIFEST_FILE, TEXT_FILE, ExportError, sha256_file
-from clipforge.export.onnx import export_onnx
+from clipforge.export.onnx import _check_inputs, export_onnx
 from clipforge.export.runtime import OnnxCLIP
 from clipforge.inference import RandomWeightsWarning, load_model
 from tests.conftest import locked_import, random_images, randomize_batchnorm
@@ -34,7 +34,7 @@ CAPTIONS = [
     "猫の写真",
     "the flag of Japan",
     "a cup of coffee on a wooden table next to an open book and a pair of reading glasses",
-    " ".join(["a long caption about a bicycle leaning against a brick wall in the afternoon sun"] * 4),
+    " ".join(["a long caption about a bicycle leaning against a brick wall in the afternoon sun"] * 6),
 ]
 
 
@@ -86,6 +86,8 @@ def _check_parity(model, folder) -> None:
 def test_parity_tiny(tiny_export):
     model, result = tiny_export
     _check_parity(model, result.folder)
+    _, tokens = _check_inputs(model, 3)  # the export's own check has a text at full context length
+    assert int(tokens[0].argmax()) == model.config.text.context_length - 1
 
 
 @pytest.mark.slow

@@ -69,7 +69,9 @@ CHECK_CAPTIONS = (
     "cat",
     "a diagram of the water cycle showing evaporation from the sea, clouds forming over the mountains, rain "
     "falling on the hills, rivers carrying the water back down through forests, fields and towns, and the "
-    "sun warming the surface of the ocean again so that the whole cycle can start once more",
+    "sun warming the surface of the ocean again so that the whole cycle can start once more, year after year, "
+    "in every season, from the frozen poles to the warm and humid tropics, through droughts, floods and storms, "
+    "as it has done for billions of years",
 )
 
 
