@@ -16,8 +16,8 @@ from clipforge.model.layers import length_groups
 
 # Texts run in groups of similar length, each cut to its longest text (as the PyTorch fast path groups its
 # attention): a group's fixed cost in padded tokens. Here the whole graph runs padded, and a session call costs
-# ~0.1-0.3 ms, about one padded token of ViT-B/32's text tower; more for small towers. Measured by
-# benchmarks/bench_onnx.py.
+# ~0.1-0.3 ms, about one padded token of ViT-B/32's text tower, tens for small towers: an estimate, not tuned
+# (benchmarks/bench_onnx.py measures the result).
 TEXT_GROUP_COST = 64
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
