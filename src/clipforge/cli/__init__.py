@@ -9,12 +9,12 @@ import sys
 from collections.abc import Sequence
 
 from clipforge.checkpoint import CheckpointError
-from clipforge.cli import data, demo, experiment, models, train, use
+from clipforge.cli import data, demo, experiment, export, models, train, use
 from clipforge.cli import eval as eval_cli
 from clipforge.distributed import DistributedError
 from clipforge.train import Preempted, TrainingError
 
-_COMMAND_MODULES = (models, train, data, experiment, use, eval_cli, demo)
+_COMMAND_MODULES = (models, train, data, experiment, use, eval_cli, demo, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,9 +57,17 @@ class TextTransformer(nn.Module):
         lengths = tokens.argmax(dim=-1) + 1  # [B]: up to and including the end token
         if use_fast_paths(self):
             return self.proj(self.norm_final(self._pooled_packed(tokens, lengths)))
-        length = int(lengths.max())  # the reference: the batch cut to its longest text, causal attention
-        x = self.transformer(self.token_embed(tokens[:, :length]) + self.pos_embed[:length], causal=True)
-        pooled = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # the end token's output
+        length = int(lengths.max())  # the reference: the batch cut to its longest text (a host sync)
+        return self.forward_static(tokens[:, :length])
+
+    def forward_static(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] (L ≤ context length) -> [B, embed_dim] with no data-dependent shape: every position
+        through the causal transformer, pooled at each row's end token. The reference computation without its
+        cut to the longest text (:meth:`forward` calls this on the cut batch), so the same values: under the
+        causal mask the end token never sees the padding after it. The graph ONNX export traces."""
+        ends = tokens.argmax(dim=-1)  # [B]: the end token's position
+        x = self.transformer(self.token_embed(tokens) + self.pos_embed[: tokens.shape[1]], causal=True)
+        pooled = x[torch.arange(x.shape[0], device=x.device), ends]  # the end token's output
         return self.proj(self.norm_final(pooled))
 
     def _pooled_packed(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
