@@ -298,8 +298,11 @@ def model_fingerprint(model: nn.Module) -> str:
     """sha256 of the model's config (when it has one) and every state-dict tensor (name, dtype, shape, bytes).
 
     The same weights give the same fingerprint whichever file format they were loaded from; weights changed in
-    memory (a training run) give a new one.
+    memory (a training run) give a new one. A model with a ``fingerprint()`` method (``OnnxCLIP``) gives that.
     """
+    own = getattr(model, "fingerprint", None)
+    if callable(own):  # a model that is not a torch module knows its own identity (an ONNX export)
+        return str(own())
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     digest.update((config.to_json() if hasattr(config, "to_json") else type(model).__name__).encode())

@@ -21,6 +21,7 @@ from clipforge.checkpoint import CheckpointError, load_checkpoint
 from clipforge.config import list_models
 from clipforge.data.raw import IMAGE_EXTENSIONS
 from clipforge.eval.zeroshot import build_classifier, zero_shot_probabilities
+from clipforge.export.runtime import OnnxCLIP
 from clipforge.features import (
     ImageBatch,
     ImageEmbeddings,
@@ -51,8 +52,15 @@ class RandomWeightsWarning(UserWarning):
 # Models and inputs
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 def load_model(
-    spec: str | Path, *, device: str | torch.device | None = None, activation: str | None = None
+    spec: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    activation: str | None = None,
+    backend: str = "torch",
 ) -> CLIP:
     """A model in eval mode from a checkpoint path (any format :func:`clipforge.load_checkpoint` reads) or, for
     tests and smoke runs, a registered architecture name, built with random weights (seed
@@ -61,8 +69,16 @@ def load_model(
     ``activation`` (``"gelu"``/``"quick_gelu"``) overrides what a checkpoint's format implies (open_clip state
     dicts do not record it). Raises :class:`CheckpointError` when ``spec`` is neither an existing path nor a
     registered name.
+
+    ``backend="onnxruntime"``: ``spec`` is a folder written by ``clipforge export onnx``, loaded as
+    :class:`clipforge.export.runtime.OnnxCLIP` (CPU; the same ``encode_image``/``encode_text``, so every encode
+    path takes it).
     """
     path = Path(spec).expanduser()
+    if backend == "onnxruntime":
+        return _load_onnx(path, device)  # type: ignore[return-value]
+    if backend != "torch":
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if path.exists():
         return load_checkpoint(path, device=device, activation=activation)
     name = str(spec)
@@ -82,6 +98,15 @@ def load_model(
         f"checkpoint (clipforge .safetensors, OpenAI/open_clip .pt, a Hugging Face or open_clip folder) "
         f"or one of {', '.join(list_models())} for random weights"
     )
+
+
+def _load_onnx(path: Path, device: str | torch.device | None) -> OnnxCLIP:
+    if not (path / "export.json").is_file():
+        raise CheckpointError(
+            f"{path}: --backend onnxruntime needs a folder written by `clipforge export onnx` (with export.json); "
+            f"export the model first: clipforge export onnx MODEL --out {path}"
+        )
+    return OnnxCLIP(path).to(device)
 
 
 def checkpoint_identity(spec: str | Path) -> str:

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 
-def _load_model(spec: str, device: str | None) -> Any:
+def _load_model(spec: str, device: str | None, backend: str = "torch") -> Any:
     """The model, with the random-weights warning printed loudly on stderr (not as a Python warning line)."""
     from clipforge.device import resolve_device
     from clipforge.inference import RandomWeightsWarning, load_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
-        model = load_model(spec, device=resolve_device(device))
+        where = resolve_device(device) if backend == "torch" or device else None
+        model = load_model(spec, device=where, backend=backend)
     for warning in caught:
         if issubclass(warning.category, RandomWeightsWarning):
             print(f"WARNING: {warning.message}", file=sys.stderr)
@@ -90,7 +91,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     labels = read_labels(args.labels, args.labels_file)
     top_k = min(_check_top_k(args.top_k), len(labels))
     paths = find_images(args.images)
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.backend)
     tokenizer, transform = get_tokenizer(model), get_transforms(model)
     classifier = label_classifier(model, tokenizer, labels, args.template)
     logit_scale = float(model.logit_scale.detach().exp())
@@ -170,7 +171,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     out = check_embeddings_path(args.out)
     if args.images is not None:
         paths = find_images(args.images)
-        model = _load_model(args.model, args.device)
+        model = _load_model(args.model, args.device, args.backend)
         result = embed_images(
             model,
             get_transforms(model),
@@ -183,7 +184,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         keys, embeddings = result.keys, result.embeddings
     else:
         keys = read_texts(args.texts)
-        model = _load_model(args.model, args.device)
+        model = _load_model(args.model, args.device, args.backend)
         embeddings = embed_texts(
             model, get_tokenizer(model), keys, normalize=args.normalize, batch_size=args.batch_size
         )
@@ -218,7 +219,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if not args.query.strip():
         raise ValueError("the search query is empty; pass some text to search for")
     paths = find_images(args.images)
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.backend)
     transform = get_transforms(model)
     options = {"batch_size": args.batch_size, "workers": args.workers}
     if args.no_cache:
@@ -260,6 +261,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--batch-size", type=int, default=batch_size, help=f"items per forward pass ({batch_size})"
         )
         p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0)")
+        p.add_argument(
+            "--backend", choices=["torch", "onnxruntime"], default="torch",
+            help="onnxruntime: --model is a folder from `clipforge export onnx` (CPU)",
+        )  # fmt: skip
 
     p = sub.add_parser(
         "classify",

@@ -3,6 +3,8 @@ model's ``encode_image`` / ``encode_text`` / ``logit_scale`` so the code that en
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +116,37 @@ class OnnxCLIP:
                 features[rows] = self._text.run(tokens[rows, :length])
         return F.normalize(features, dim=-1) if normalize else features
 
+    # For code written for an ``nn.Module`` (the encode layer, zero-shot classifiers, search): an export is
+    # always in inference mode, has no trainable parameters and runs on the CPU.
+    training = False
+
     def eval(self) -> OnnxCLIP:
-        """For code written for an ``nn.Module``: an export is always in inference mode."""
         return self
+
+    def train(self, mode: bool = True) -> OnnxCLIP:
+        if mode:
+            raise ExportError(f"{self.folder}: an ONNX export runs inference only; train the PyTorch model")
+        return self
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return iter(())
+
+    def to(self, device: str | torch.device | None = None, *args: object, **kwargs: object) -> OnnxCLIP:
+        if device is not None and torch.device(device).type != "cpu":
+            raise ExportError(
+                f"{self.folder}: the onnxruntime backend runs on the CPU, not {device}; use --device cpu, or the "
+                "PyTorch backend on a GPU"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """This export's identity for feature caches and indexes (:func:`clipforge.features.model_fingerprint`):
+        the config and both graphs' recorded sha256 — not the source weights' fingerprint, since onnxruntime's
+        features differ from PyTorch's in the last bits."""
+        digest = hashlib.sha256(b"onnxruntime\0" + self.config.to_json().encode())
+        for tower in ("image", "text"):
+            digest.update(f"\0{tower}\0{self.manifest[tower]['sha256']}".encode())
+        return digest.hexdigest()
 
     def __repr__(self) -> str:
         return f"OnnxCLIP({str(self.folder)!r}, architecture={self.config.name!r})"
