@@ -100,9 +100,9 @@ class ApproximateIndex:
 def build_approximate(
     vectors: np.ndarray, *, queries: int = 200, target: float = TARGET_RECALL, seed: int = 0
 ) -> tuple[ApproximateIndex, SearchSettings]:
-    """An IVF-Flat index (4·√N lists, trained on up to 40 vectors per list) whose probe count is doubled from 8
-    until recall@10 against exact search reaches ``target`` on ``queries`` sampled vectors (or every list is
-    probed); returns it with its settings and measured recall."""
+    """An IVF-Flat index of 4·√N lists (at most N/39, so each list has the 39 training vectors faiss asks for;
+    trained on up to 40 vectors a list) whose probe count is doubled from 8 until recall@10 against exact search
+    reaches ``target`` on ``queries`` sampled vectors (or every list is probed); returns it with its settings."""
     faiss = require_faiss()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
