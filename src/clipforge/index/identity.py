@@ -24,7 +24,7 @@ class ModelIdentity:
     embed_dim: int
 
     @classmethod
-    def of(cls, model: nn.Module, transform: ImageTransform, precision: str = "fp32") -> ModelIdentity:
+    def of(cls, model: nn.Module, transform: ImageTransform | None, precision: str = "fp32") -> ModelIdentity:
         config = getattr(model, "config", None)
         return cls(
             fingerprint=model_fingerprint(model),

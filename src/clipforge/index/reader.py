@@ -39,7 +39,7 @@ class Index:
         self.vectors = vectors
         self.items = items
         self.approximate = approximate
-        self._checked: set[tuple[int, bool]] = set()
+        self._checked: set[tuple[int, int | None]] = set()
 
     @classmethod
     def open(cls, path: str | Path, *, exact: bool = False) -> Index:
@@ -74,13 +74,10 @@ class Index:
     def check_model(self, model: nn.Module, transform: ImageTransform | None = None) -> None:
         """Refuse ``model`` (and ``transform``, for image queries) unless it is the one that built the index.
         The weights' fingerprint is computed once per model object."""
-        key = (id(model), transform is not None)
+        key = (id(model), None if transform is None else id(transform))
         if key in self._checked:
             return
-        other = ModelIdentity.of(model, transform if transform is not None else _NoTransform(), "fp32")
-        if transform is None:
-            other = ModelIdentity(other.fingerprint, other.architecture, self.identity.preprocessing,
-                                  other.precision, other.embed_dim)  # fmt: skip
+        other = ModelIdentity.of(model, transform, "fp32")  # text queries: the preprocessing is not compared
         self.identity.check_query_model(other, str(self.folder), images=transform is not None)
         self._checked.add(key)
 
@@ -133,11 +130,6 @@ class Index:
         if result.failures:
             raise ValueError(f"cannot search by image: {result.failures[0].message}")
         return self.search_vectors(result.embeddings[0], k)
-
-
-class _NoTransform:
-    def __repr__(self) -> str:
-        return "<none>"
 
 
 __all__ = ["Hit", "Index"]
