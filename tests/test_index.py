@@ -305,3 +305,11 @@ def test_cli_build_search_info(tmp_path, digits, capsys):
     assert main(["index", "search", str(out), "--text", "a seven", "--model", "small"]) == 2
     assert "built with model 'tiny'" in capsys.readouterr().err
     assert main(["index", "info", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_file_named_twice_is_one_row(tmp_path, tiny, digits):
+    model, transform, _ = tiny
+    (tmp_path / "link.png").symlink_to(digits / "digit_00004.png")
+    sources = [digits, digits / "digit_00004.png", tmp_path / "link.png"]
+    report = build_index(sources, model, transform, tmp_path / "index", model_spec="tiny", encode=QUIET)
+    assert report.count == 80 and len(set(Index.open(tmp_path / "index").paths)) == 80

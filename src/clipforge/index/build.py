@@ -76,9 +76,14 @@ class BuildReport:
 
 
 def _scan(paths: Sequence[Path]) -> list[Item]:
+    """Each file's resolved path and stamps, once (a file named twice, or through a symlink, is one row)."""
     items = []
+    seen: set[Path] = set()
     for path in paths:
         resolved = path.resolve()
+        if resolved in seen:
+            continue
+        seen.add(resolved)
         try:
             stat = resolved.stat()
             items.append(Item(str(resolved), stat.st_size, stat.st_mtime_ns))
@@ -163,21 +168,11 @@ def _refresh(
     scanned = _scan(paths)
     pending = pending_folder(folder, base.model)
     chunks = read_chunks(pending)
-    # where each (path, stamps) already has a row: (chunk number or -1 for the base, row)
-    known: dict[Item, tuple[int, int]] = {item: (-1, row) for row, item in enumerate(base_items)}
-    failed: dict[str, Failure] = {}
-    stamps = {item.path: item for item in scanned}
-    for number, chunk in enumerate(chunks):
-        known.update({item: (number, row) for row, item in enumerate(chunk.items)})
-        failed.update({f.path: f for f in chunk.failures})
+    known, failed = _where_rows_are(base_items, chunks)
+    reused = sum(1 for item in scanned if item in known)
     todo = [item for item in scanned if item not in known and item.path not in failed]
-    reused = (
-        len(scanned) - len(todo) - sum(1 for item in scanned if item.path in failed and item not in known)
-    )
     chunks += _encode_chunks(pending, todo, model, transform, encode)
-    for number, chunk in enumerate(chunks):
-        known.update({item: (number, row) for row, item in enumerate(chunk.items)})
-        failed.update({f.path: f for f in chunk.failures})
+    known, failed = _where_rows_are(base_items, chunks)
     items = [item for item in scanned if item in known]
     if not items:
         first = next(iter(failed.values()), None)
@@ -185,17 +180,14 @@ def _refresh(
             f"none of the {len(scanned)} images could be encoded"
             + (f"; the first: {first.message}" if first else "")
         )
-    removed = len({i.path for i in base_items} - set(stamps))
+    removed = len({i.path for i in base_items} - {i.path for i in scanned})
     wants_exact = search.exact or len(items) <= search.threshold
     unchanged = items == base_items and not chunks and (base.search.kind == "exact") == wants_exact
     if unchanged and base.generation >= 0:  # nothing to do: keep the generation
         return BuildReport(
             folder, len(items), reused, 0, 0, base.failures, base.search, time.perf_counter() - started
         )
-    sources = [known[item] for item in items]
-    vectors = np.stack(
-        [base_vectors[row] if number < 0 else chunks[number].vectors[row] for number, row in sources]
-    ).astype(np.float32)
+    vectors = _gather(base_vectors, chunks, [known[item] for item in items])
     failures = [failed[item.path] for item in scanned if item not in known and item.path in failed]
     settings = _search_settings(vectors, search)
     manifest = Manifest(
@@ -205,6 +197,30 @@ def _refresh(
     return BuildReport(
         folder, len(items), reused, len(todo), removed, failures, settings[1], time.perf_counter() - started
     )
+
+
+def _where_rows_are(
+    base_items: list[Item], chunks: list[Chunk]
+) -> tuple[dict[Item, tuple[int, int]], dict[str, Failure]]:
+    """Where each (path, stamps) has a row, as (chunk number, or -1 for the index's own rows; row), later chunks
+    winning; and the files the chunks could not encode."""
+    known = {item: (-1, row) for row, item in enumerate(base_items)}
+    failed: dict[str, Failure] = {}
+    for number, chunk in enumerate(chunks):
+        known.update({item: (number, row) for row, item in enumerate(chunk.items)})
+        failed.update({f.path: f for f in chunk.failures})
+    return known, failed
+
+
+def _gather(base_vectors: np.ndarray, chunks: list[Chunk], where: list[tuple[int, int]]) -> np.ndarray:
+    """The vectors [len(where), D] at (chunk number or -1, row), copied a source at a time."""
+    numbers, rows = (np.array(column, dtype=np.int64).reshape(-1) for column in zip(*where))
+    vectors = np.empty((len(where), base_vectors.shape[1]), np.float32)
+    for number in np.unique(numbers):
+        mask = numbers == number
+        source = base_vectors if number < 0 else chunks[number].vectors
+        vectors[mask] = source[rows[mask]]
+    return vectors
 
 
 def _encode_chunks(
