@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from clipforge.checkpoint import CheckpointError
 from clipforge.cli import data, demo, experiment, export, models, train, use
 from clipforge.cli import eval as eval_cli
+from clipforge.cli import index as index_cli
 from clipforge.distributed import DistributedError
 from clipforge.train import Preempted, TrainingError
 
-_COMMAND_MODULES = (models, train, data, experiment, use, eval_cli, demo, export)
+_COMMAND_MODULES = (models, train, data, experiment, use, eval_cli, demo, export, index_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
