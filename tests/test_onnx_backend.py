@@ -116,3 +116,17 @@ def test_backend_errors_name_the_fix(exported, checkpoint, tmp_path, capsys):
         load_model(exported, backend="tensorrt")
     with pytest.raises(ExportError, match="runs inference only"):
         load_model(exported, backend="onnxruntime").train()
+
+
+def test_an_index_built_on_onnxruntime_is_searched_with_it_and_refuses_pytorch(
+    exported, checkpoint, folder, tmp_path, capsys
+):
+    index = tmp_path / "photos.index"
+    assert main(["index", "build", str(folder), "--model", str(exported), "--backend", "onnxruntime",
+                 "--out", str(index), "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["index", "search", str(index), "--text", "a red square", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits["hits"]) == 3  # the build's model (the export folder) is found and run on onnxruntime
+    assert main(["index", "search", str(index), "--text", "a red square", "--model", str(checkpoint)]) == 2
+    assert "was built with model 'tiny' (weights" in capsys.readouterr().err  # not the index's features

@@ -72,13 +72,13 @@ def load_model(
 
     ``backend="onnxruntime"``: ``spec`` is a folder written by ``clipforge export onnx``, loaded as
     :class:`clipforge.export.runtime.OnnxCLIP` (CPU; the same ``encode_image``/``encode_text``, so every encode
-    path takes it).
+    path takes it). Such a folder loads that way whatever ``backend`` says (nothing else can run it).
     """
-    path = Path(spec).expanduser()
-    if backend == "onnxruntime":
-        return _load_onnx(path, device)  # type: ignore[return-value]
-    if backend != "torch":
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    path = Path(spec).expanduser()
+    if backend == "onnxruntime" or (path / "export.json").is_file():  # an export folder only runs on onnxruntime
+        return _load_onnx(path, device)  # type: ignore[return-value]
     if path.exists():
         return load_checkpoint(path, device=device, activation=activation)
     name = str(spec)

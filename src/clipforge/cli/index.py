@@ -52,7 +52,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from clipforge.transforms import get_transforms
 
     check_folder(Path(args.out))
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.backend)
     report = build_index(
         args.images, model, get_transforms(model), args.out, model_spec=args.model,
         encode=_encode_options(args, args.precision), search=_search_options(args),
@@ -72,7 +72,7 @@ def _cmd_update(args: argparse.Namespace) -> int:
         raise IndexFormatError(
             f"{args.index}: no index here (no index.json); build one with clipforge index build"
         )
-    model = _load_model(args.model or manifest.model_spec, args.device)
+    model = _load_model(args.model or manifest.model_spec, args.device, args.backend)
     report = update_index(
         args.index, model, get_transforms(model), args.images or None,
         encode=_encode_options(args, manifest.model.precision), search=_search_options(args),
@@ -92,7 +92,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.text is not None and not args.text.strip():
         raise ValueError("--text is empty; pass some text to search for")
     index = Index.open(args.index, exact=args.exact)
-    model = _load_model(args.model or index.manifest.model_spec, args.device)
+    model = _load_model(args.model or index.manifest.model_spec, args.device, args.backend)
     if args.text is not None:
         hits = index.search_text(model, get_tokenizer(model), args.text, args.k)
     else:
@@ -127,6 +127,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _add_encoding(p: argparse.ArgumentParser, *, precision: bool) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: --model is a folder from `clipforge export onnx` (CPU)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default 0)")
     if precision:
@@ -169,6 +171,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=10, help="results to show (default 10)")
     p.add_argument("--model", default=None, help="the model (default: the one the index was built with)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: --model is a folder from `clipforge export onnx` (CPU)")  # fmt: skip
     p.add_argument(
         "--exact", action="store_true", help="search exactly even if an approximate index is stored"
     )
