@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -140,7 +141,7 @@ def make_settings(task: Task, values: Mapping[str, Any], where: str) -> Any:
 
 def _fits(value: Any, hint: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_fits(value, a) for a in args)
     if hint is type(None):
         return value is None
@@ -167,12 +168,13 @@ def _describe(hint: Any) -> str:
 
 
 def open_data(data: Any, settings: DataSettings, split: str | None, **fields: Any) -> Any:
-    """``data`` opened as an ``EvalDataset`` (a spec string or path; an opened dataset passes through), its notes
-    logged, cut to ``settings.max_samples``."""
+    """``data`` opened as an ``EvalDataset`` (a spec string or path), its notes logged, cut to
+    ``settings.max_samples``; an opened dataset or encoded features pass through as they are."""
     from clipforge.eval.dataset import EvalDataset
     from clipforge.eval.datasets import open_eval_dataset
+    from clipforge.eval.features import EncodedImages
 
-    if isinstance(data, EvalDataset):
+    if isinstance(data, (EvalDataset, EncodedImages)):
         return data
     dataset = open_eval_dataset(data, split=split, label_field=settings.label_field, classnames=settings.classnames,
                                 image_field=settings.image_field, **fields)  # fmt: skip
