@@ -49,27 +49,41 @@ def get_task(name: str) -> Task:
     return task
 
 
+def run_specs(model: Any, specs: Sequence[Mapping[str, Any]], out_dir: str | Path | None = None, *,
+              where: str = "evaluations") -> dict[str, tuple[Result, Any]]:  # fmt: skip
+    """Run every spec on ``model`` (a module, an :class:`EvalModel` or a function returning one, loaded once);
+    returns ``{name: (result, settings)}`` in spec order (``name``: the spec's, else its task's, numbered when
+    repeated). Figures go to ``out_dir/<name>/`` (none without ``out_dir``). Every spec is checked before
+    anything runs; ``where`` names the list in errors (e.g. the YAML file)."""
+    planned = _plan(specs, where)
+    loaded = resolve_model(model) if planned and model is not None else None
+    results: dict[str, tuple[Result, Any]] = {}
+    for name, task, data, settings in planned:
+        out = None if out_dir is None else Path(out_dir) / name
+        results[name] = (task.run(loaded, data, settings, out=out), settings)
+    return results
+
+
 def run_tasks(model: Any, specs: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
               where: str = "evaluations") -> Path:  # fmt: skip
-    """Run every spec on ``model`` (a module, an :class:`EvalModel` or a function returning one); figures go to
-    ``out_dir/<name>/`` (``name``: the spec's, else its task's, numbered when repeated). Writes one
-    ``results.json`` holding each task's record under its name, and returns its path. Every spec is checked
-    before anything runs; ``where`` names the list in errors (e.g. the YAML file)."""
+    """:func:`run_specs`, printing each task's lines, then one ``results.json`` in ``out_dir`` holding each
+    task's record under its name (and the model's identity); returns its path."""
     from clipforge.eval.report import RESULTS_JSON, write_json
     from clipforge.version import __version__
 
-    planned = _plan(specs, where)
-    out = Path(out_dir)
-    loaded = resolve_model(model) if planned and model is not None else None
     started = time.perf_counter()
+    results = run_specs(model, specs, out_dir, where=where)
     records: dict[str, Any] = {}
-    for name, task, data, settings in planned:
-        result = task.run(loaded, data, settings, out=out / name)
+    checkpoint: dict[str, Any] = {}
+    for name, (result, settings) in results.items():
         for line in result.lines:
             print(f"{name}: {line}")
         records[name] = result.record(dataclasses.asdict(settings))
+        if result.checkpoint.get("fingerprint"):
+            checkpoint = result.checkpoint
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"tasks": records, "checkpoint": loaded.identity if loaded else {}, "clipforge_version": __version__,
+    record = {"tasks": records, "checkpoint": checkpoint, "clipforge_version": __version__,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_time_s": time.perf_counter() - started}  # fmt: skip
     return write_json(out / RESULTS_JSON, record)
 
@@ -134,5 +148,6 @@ __all__ = [
     "load_specs",
     "make_settings",
     "resolve_model",
+    "run_specs",
     "run_tasks",
 ]

@@ -25,7 +25,7 @@ class DataSettings:
 
     label_field: str = "label"
     image_field: str | None = None
-    classnames: str | None = None  # a class names file
+    classnames: str | tuple[str, ...] | None = None  # a class names file, or the names in label order
     max_samples: int | None = None  # at most this many samples per set
     batch_size: int = 64
     quiet: bool = False  # no progress bars

@@ -36,6 +36,7 @@ class SplitSettings:
 @dataclass
 class LinearProbeSettings(SplitSettings, EncodeSettings):
     few_shot: int | None = None  # k examples per class, over the seeds
+    standardize: bool = False  # standardise each feature on the data each model is fit on
 
 
 @dataclass
@@ -90,7 +91,7 @@ class LinearProbeTask:
         seeds = tuple(settings.seeds)
         if settings.few_shot is not None:
             result = few_shot(train_x, train_y, test_x, test_y, k=settings.few_shot, seeds=seeds,
-                              max_iter=settings.max_iter)  # fmt: skip
+                              max_iter=settings.max_iter, standardize=settings.standardize)  # fmt: skip
             metrics = {"k": result.k, "mean_accuracy": result.mean_accuracy, "std_accuracy": result.std_accuracy,
                        "mean_per_class": result.mean_per_class}  # fmt: skip
             line = (f"{settings.few_shot}-shot linear probe: test top-1 {result.mean_accuracy:.4f} ± "
@@ -98,7 +99,8 @@ class LinearProbeTask:
         else:
             val_x, val_y = arrays.get("val", (None, None))
             result = linear_probe(train_x, train_y, test_x, test_y, val_x=val_x, val_y=val_y, seed=seeds[0],
-                                  max_iter=settings.max_iter, progress=not settings.quiet)  # fmt: skip
+                                  max_iter=settings.max_iter, standardize=settings.standardize,
+                                  progress=not settings.quiet)  # fmt: skip
             metrics = {"test_accuracy": result.test_accuracy, "test_mean_per_class": result.test_mean_per_class,
                        "val_accuracy": result.val_accuracy, "c": result.c}  # fmt: skip
             line = (f"linear probe: test top-1 {result.test_accuracy:.4f}, mean per-class "

@@ -25,7 +25,7 @@ PAPER_BASELINE_TEMPLATE = "a photo of a {}."
 @dataclass
 class ZeroShotSettings(EncodeSettings):
     split: str | None = None  # subfolder of the data (e.g. test)
-    templates: str = "generic"  # a template set name or a .txt/.json file
+    templates: str | tuple[str, ...] = "generic"  # a template set name, a .txt/.json file, or the templates
     dataset_name: str | None = (
         None  # dataset whose class-name overrides apply (None: the template set's name)
     )
@@ -45,14 +45,18 @@ class ZeroShotTask:
         self, model: ModelArg, data: Any, settings: ZeroShotSettings, *, out: Path | None = None
     ) -> Result:
         from clipforge.eval.report import CONFUSION_PNG, write_confusion_png
-        from clipforge.eval.templates import get_templates, resolve_classnames
+        from clipforge.eval.templates import resolve_classnames
         from clipforge.eval.zeroshot import build_classifier, classify_features
         from clipforge.tokenizer import get_tokenizer
 
         elapsed = Timer()
         dataset = open_data(data, settings, settings.split)  # data and templates first: errors before loading
-        template_set = get_templates(settings.templates)
-        raw = dataset.classnames if dataset.classnames is not None else template_set.classnames
+        template_set = _template_set(settings.templates)
+        raw = getattr(dataset, "classnames", None)  # encoded features carry none: then a list in the settings
+        if raw is None and isinstance(settings.classnames, tuple):
+            raw = settings.classnames
+        if raw is None:
+            raw = template_set.classnames
         if raw is None:
             raise ValueError(
                 f"{data}: no class names in the data and none in template set {template_set.name!r}; pass "
@@ -113,3 +117,14 @@ class ZeroShotTask:
 
 def dataset_name(dataset: Any, data: Any) -> str:
     return str(getattr(dataset, "name", data))
+
+
+def _template_set(templates: str | tuple[str, ...]) -> Any:
+    """A template set by name or file, or the templates themselves (checked like a file's)."""
+    from clipforge.eval.templates import TemplateSet, check_templates, get_templates
+
+    if isinstance(templates, str):
+        return get_templates(templates)
+    return TemplateSet(
+        name="custom", templates=check_templates(templates, "templates setting"), source="settings"
+    )
