@@ -167,20 +167,18 @@ def evaluate(
     tests = {part["source"]: _encode_split(model, data.roots[part["source"]], "test", settings)
              for part in data.plan["train"]}  # fmt: skip
     digit_features = {split: _encode(model, d, settings) for split, d in digits.splits.items()}
-    done = {
-        n: r
-        for n, (r, _) in run_specs(
-            model, evaluation_specs(data, digits, tests, digit_features, settings)
-        ).items()
-    }
-    result["retrieval"] = {n.removeprefix("retrieval:").removeprefix("builtin:"): _retrieval(done[n], tests[n.removeprefix("retrieval:")])
-                           for n in done if n.startswith("retrieval:")}  # fmt: skip
+    specs = evaluation_specs(data, digits, tests, digit_features, settings)
+    done = {name: outcome for name, (outcome, _) in run_specs(model, specs).items()}
+    result["retrieval"] = {name.removeprefix("builtin:"): _retrieval(done[f"retrieval:{name}"], test)
+                           for name, test in tests.items()}  # fmt: skip
     result["linear_probe"] = {source: _probe(done[f"probe:{source}"], tests[name])
                               for source, name in PROBE_SOURCES.items()}  # fmt: skip
     test = digit_features["test"]
-    result["digits"] = {"test_images": digits.test_images, "chance": float(np.bincount(test.labels).max()) / len(test),
-                        "pixel_baseline": digits.pixel_baseline, "zero_shot_clip": done["digits:zero_shot"].metrics["top1"],
-                        "linear_probe_clip": done["digits:probe"].metrics["test_accuracy"]}  # fmt: skip
+    result["digits"] = {
+        "test_images": digits.test_images, "chance": float(np.bincount(test.labels).max()) / len(test),
+        "pixel_baseline": digits.pixel_baseline, "zero_shot_clip": done["digits:zero_shot"].metrics["top1"],
+        "linear_probe_clip": done["digits:probe"].metrics["test_accuracy"],
+    }  # fmt: skip
     _retrieval_montage(model, data, sets, set_features, tests, out / f"retrieval_montage_{kind}.png", kind)
     return result
 
