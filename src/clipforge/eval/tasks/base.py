@@ -58,8 +58,10 @@ def resolve_model(model: ModelArg) -> EvalModel:
     """The :class:`EvalModel` behind a task's ``model`` argument."""
     if model is None:
         raise ConfigError("this evaluation needs a model; pass one (a checkpoint or an architecture name)")
-    if callable(model) and not hasattr(model, "encode_image"):
-        model = model()
+    from torch import nn
+
+    if callable(model) and not isinstance(model, (nn.Module, EvalModel)):
+        model = model()  # a loader
     if isinstance(model, EvalModel):
         return model
     from clipforge.eval.features import model_fingerprint
