@@ -148,8 +148,13 @@ def _train_and_evaluate(kind, data, sets, val, digits, settings: DemoSettings, o
 def evaluate(
     model, data, sets, digits: Digits, settings: DemoSettings, out: Path, kind: str
 ) -> dict[str, Any]:
-    """Every evaluation of one model; each image set is encoded once and shared by the evaluations using it."""
+    """Every evaluation of one model; each image set is encoded once and shared by the evaluations using it.
+
+    The zero-shot sets are the training hook's (:class:`~clipforge.eval.zeroshot_set.ZeroShotSet`, with
+    intervals); the rest are task specs (:func:`evaluation_specs`) run by :func:`clipforge.eval.tasks.run_specs`.
+    """
     from clipforge.eval.report import write_confusion_png
+    from clipforge.eval.tasks import run_specs
 
     result: dict[str, Any] = {"zero_shot": {}}
     set_features = {name: s.image_features(model, settings.eval_batch_size) for name, s in sets.items()}
@@ -161,66 +166,75 @@ def evaluate(
             write_confusion_png(out / f"confusion_heldout_{kind}.png", confusion, report["classes"])
     tests = {part["source"]: _encode_split(model, data.roots[part["source"]], "test", settings)
              for part in data.plan["train"]}  # fmt: skip
-    result["retrieval"] = _retrieval(model, tests)
-    result["linear_probe"] = _probes(model, data, tests, settings)
-    result["digits"] = _digits(model, digits, settings)
+    digit_features = {split: _encode(model, d, settings) for split, d in digits.splits.items()}
+    specs = evaluation_specs(data, digits, tests, digit_features, settings)
+    done = {name: outcome for name, (outcome, _) in run_specs(model, specs).items()}
+    result["retrieval"] = {name.removeprefix("builtin:"): _retrieval(done[f"retrieval:{name}"], test)
+                           for name, test in tests.items()}  # fmt: skip
+    result["linear_probe"] = {source: _probe(done[f"probe:{source}"], tests[name])
+                              for source, name in PROBE_SOURCES.items()}  # fmt: skip
+    test = digit_features["test"]
+    result["digits"] = {
+        "test_images": digits.test_images, "chance": float(np.bincount(test.labels).max()) / len(test),
+        "pixel_baseline": digits.pixel_baseline, "zero_shot_clip": done["digits:zero_shot"].metrics["top1"],
+        "linear_probe_clip": done["digits:probe"].metrics["test_accuracy"],
+    }  # fmt: skip
     _retrieval_montage(model, data, sets, set_features, tests, out / f"retrieval_montage_{kind}.png", kind)
     return result
 
 
-def _encode_split(model, root: Path, split: str, settings: DemoSettings, label_field: str = "label"):
-    from clipforge.eval.datasets import open_eval_dataset
+def evaluation_specs(data, digits: Digits, tests: dict[str, Any], digit_features: dict[str, Any],
+                     settings: DemoSettings) -> list[dict[str, Any]]:  # fmt: skip
+    """The demo's evaluations of a trained model besides the zero-shot sets, as task specs: retrieval on each
+    training source's test split (every caption of an image is a positive); logistic regression (the paper's
+    protocol: C chosen on val, standardised features) on seen classes; and the paper's MNIST remark on digits
+    (raw pixels vs zero-shot CLIP vs a probe on CLIP features)."""
+    common = {"quiet": True, "no_cache": True, "batch_size": settings.eval_batch_size}
+    probe = {**common, "task": "linear_probe", "standardize": True, "max_iter": settings.probe_max_iter}
+    specs: list[dict[str, Any]] = [{"task": "retrieval", "name": f"retrieval:{name}", "data": test, **common}
+                                   for name, test in tests.items()]  # fmt: skip
+    specs += [{**probe, "name": f"probe:{source}", "data": {"root": data.roots[name], "test": tests[name]}}
+              for source, name in PROBE_SOURCES.items()]  # fmt: skip
+    names = digits.splits["test"].classnames or [str(i) for i in range(10)]
+    specs.append({**common, "task": "zeroshot", "name": "digits:zero_shot", "data": digit_features["test"],
+                  "classnames": list(names), "templates": ["a handwritten digit {}", "the number {}"]})  # fmt: skip
+    specs.append({**probe, "name": "digits:probe", "data": digit_features})
+    return specs
+
+
+def _encode(model, dataset, settings: DemoSettings):
     from clipforge.eval.features import encode_images
 
-    dataset = open_eval_dataset(root, split=split, label_field=label_field)
     return encode_images(model, dataset, batch_size=settings.eval_batch_size, progress=False)
 
 
-def _retrieval(model, tests: dict[str, Any]) -> dict[str, Any]:
-    """Image↔text retrieval on each training source's test split (every caption of an image is a positive)."""
-    from clipforge.eval.features import encode_texts
+def _encode_split(model, root: Path, split: str, settings: DemoSettings, label_field: str = "label"):
+    from clipforge.eval.datasets import open_eval_dataset
+
+    return _encode(model, open_eval_dataset(root, split=split, label_field=label_field), settings)
+
+
+def _retrieval(result, test) -> dict[str, Any]:
+    """The retrieval task's numbers with intervals and chance."""
     from clipforge.eval.intervals import proportion_interval
-    from clipforge.eval.retrieval import retrieval_metrics
-    from clipforge.tokenizer import get_tokenizer
 
-    results = {}
-    tokenizer = get_tokenizer(model)
-    for name, test in tests.items():
-        source = name.removeprefix("builtin:")
-        texts = [c for caps in test.captions for c in caps]
-        owners = np.asarray([i for i, caps in enumerate(test.captions) for _ in caps])
-        metrics = retrieval_metrics(
-            test.features, encode_texts(model, tokenizer, texts, progress=False), owners
-        )
-        r1 = proportion_interval(round(metrics["text_to_image_R@1"] * len(texts)), len(texts))
-        i2t = proportion_interval(round(metrics["image_to_text_R@1"] * len(test)), len(test))
-        results[source] = {"images": len(test), "captions": len(texts), **metrics,
-                           "text_to_image_R@1_interval": r1.to_dict(), "image_to_text_R@1_interval": i2t.to_dict(),
-                           "chance_text_to_image_R@1": 1 / len(test)}  # fmt: skip
-    return results
+    metrics = {k: v for k, v in result.metrics.items() if k not in ("num_images", "num_captions")}
+    captions = result.metrics["num_captions"]
+    r1 = proportion_interval(round(metrics["text_to_image_R@1"] * captions), captions)
+    i2t = proportion_interval(round(metrics["image_to_text_R@1"] * len(test)), len(test))
+    return {"images": len(test), "captions": captions, **metrics, "text_to_image_R@1_interval": r1.to_dict(),
+            "image_to_text_R@1_interval": i2t.to_dict(), "chance_text_to_image_R@1": 1 / len(test)}  # fmt: skip
 
 
-def _probes(model, data, tests: dict[str, Any], settings: DemoSettings) -> dict[str, Any]:
-    """Logistic regression (the paper's protocol: C chosen on val) on frozen features, seen classes."""
+def _probe(result, test) -> dict[str, Any]:
+    """The linear-probe task's numbers with an interval and chance (the most common test class)."""
     from clipforge.eval.intervals import proportion_interval
-    from clipforge.eval.linear_probe import linear_probe
 
-    results = {}
-    for source, name in PROBE_SOURCES.items():
-        root = data.roots[name]
-        encoded = {split: _encode_split(model, root, split, settings) for split in ("train", "val")}
-        encoded["test"] = tests[name]
-        test = encoded["test"]
-        probe = linear_probe(
-            encoded["train"].features, encoded["train"].labels, test.features, test.labels,
-            val_x=encoded["val"].features, val_y=encoded["val"].labels, max_iter=settings.probe_max_iter,
-            standardize=True,
-        )  # fmt: skip
-        interval = proportion_interval(round(probe.test_accuracy * probe.num_test), probe.num_test)
-        results[source] = {"test_accuracy": probe.test_accuracy, "interval": interval.to_dict(), "c": probe.c,
-                           "classes": len(set(test.labels.tolist())), "test_images": probe.num_test,
-                           "chance": float(np.bincount(test.labels).max()) / len(test)}  # fmt: skip
-    return results
+    accuracy, num_test = result.metrics["test_accuracy"], result.details["probe"]["num_test"]
+    interval = proportion_interval(round(accuracy * num_test), num_test)
+    return {"test_accuracy": accuracy, "interval": interval.to_dict(), "c": result.metrics["c"],
+            "classes": len(set(test.labels.tolist())), "test_images": num_test,
+            "chance": float(np.bincount(test.labels).max()) / len(test)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -248,30 +262,6 @@ def load_digits(out: Path) -> Digits:
         [y for _, y in pairs["test"]], val_images=[i for i, _ in pairs["val"]], val_y=[y for _, y in pairs["val"]],
     )  # fmt: skip
     return Digits(splits, pixels.test_accuracy, len(pairs["test"]))
-
-
-def _digits(model, digits: Digits, settings: DemoSettings) -> dict[str, Any]:
-    """Raw pixels vs zero-shot CLIP vs a probe on CLIP features: the paper's MNIST remark."""
-    from clipforge.eval.features import encode_images
-    from clipforge.eval.linear_probe import linear_probe
-    from clipforge.eval.zeroshot import build_classifier, classify_features
-    from clipforge.tokenizer import get_tokenizer
-
-    enc = {
-        s: encode_images(model, d, batch_size=settings.eval_batch_size, progress=False)
-        for s, d in digits.splits.items()
-    }
-    names = digits.splits["test"].classnames or [str(i) for i in range(10)]
-    classifier = build_classifier(
-        model, get_tokenizer(model), names, ["a handwritten digit {}", "the number {}"]
-    )
-    zero_shot = classify_features(enc["test"].features, enc["test"].labels, classifier)
-    probe = linear_probe(enc["train"].features, enc["train"].labels, enc["test"].features, enc["test"].labels,
-                         val_x=enc["val"].features, val_y=enc["val"].labels, max_iter=settings.probe_max_iter,
-                         standardize=True)  # fmt: skip
-    return {"test_images": digits.test_images, "chance": float(np.bincount(enc["test"].labels).max()) / len(enc["test"]),
-            "pixel_baseline": digits.pixel_baseline, "zero_shot_clip": zero_shot.top1,
-            "linear_probe_clip": probe.test_accuracy}  # fmt: skip
 
 
 def _retrieval_montage(model, data, sets, set_features, tests, path: Path, kind: str) -> None:

@@ -44,6 +44,13 @@ def _write_text(path: Path, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
+def write_json(path: str | Path, record: Mapping[str, Any]) -> Path:
+    """``record`` as indented JSON (made :func:`jsonable`), written atomically; returns ``path``."""
+    path = Path(path)
+    _write_text(path, json.dumps(jsonable(record), indent=2) + "\n")
+    return path
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "n/a" if not math.isfinite(value) else f"{value:.4f}"
@@ -93,8 +100,7 @@ def write_results(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_time_s": wall_time_s,
     }
-    path = out / RESULTS_JSON
-    _write_text(path, json.dumps(jsonable(record), indent=2) + "\n")
+    path = write_json(out / RESULTS_JSON, record)
     _write_text(out / RESULTS_MD, _markdown(record, tables))
     return path
 
