@@ -61,10 +61,10 @@ def openclipart_texts(root: Path) -> Iterator[str]:
         yield from (text for text in (metadata.title, metadata.description) if text.strip())
 
 
-def gettext_texts(root: Path) -> Iterator[str]:
-    """Translations in the gettext catalogs named in ``CATALOGS``, for every language under ``root``."""
+def gettext_texts(root: Path, catalogs: tuple[str, ...] = CATALOGS) -> Iterator[str]:
+    """Translations in the gettext ``catalogs`` (names of .mo files) for every language under ``root``."""
     for path in sorted(root.glob("*/LC_MESSAGES/*.mo")):
-        if path.stem not in CATALOGS:
+        if path.stem not in catalogs:
             continue
         with path.open("rb") as file:
             try:
@@ -77,7 +77,13 @@ def gettext_texts(root: Path) -> Iterator[str]:
 
 
 def real_texts(
-    n: int, *, tuxpaint_root: Path, openclipart_root: Path, locale_root: Path = LOCALE_ROOT, seed: int = 0
+    n: int,
+    *,
+    tuxpaint_root: Path,
+    openclipart_root: Path,
+    locale_root: Path = LOCALE_ROOT,
+    catalogs: tuple[str, ...] = CATALOGS,
+    seed: int = 0,
 ) -> tuple[list[str], list[str]]:
     """Up to ``n`` distinct real texts and the source of each: the sources shuffled, then taken in turn.
 
@@ -87,7 +93,7 @@ def real_texts(
     sources = {
         "tuxpaint": tuxpaint_texts(tuxpaint_root) if tuxpaint_root.is_dir() else iter(()),
         "openclipart": openclipart_texts(openclipart_root) if openclipart_root.is_dir() else iter(()),
-        "gettext": gettext_texts(locale_root) if locale_root.is_dir() else iter(()),
+        "gettext": gettext_texts(locale_root, catalogs) if locale_root.is_dir() else iter(()),
     }
     rng = random.Random(seed)
     shuffled = []
