@@ -427,7 +427,7 @@ ADVERSARIAL = [
     "Ð¿Ñ€Ð¸Ð²ÐµÑ‚", "РїСЂРёРІРµС‚", "l’été “quoted”", "ＬＯＵＤ　ＮＯＩＳＥＳ", "ﬁsh ﬂower ĳs", "a\r\nb\u2028c\u2029d\x85e",
     "\x1b[31mred\x1b[0m", "ΑΣ\tΑ", "ΑΣ\u3000Β", "ΟΔΟΣ ΟΔΟΣ.", "İstanbul ǅ ß", "Å\u030a", "\u0345\u0399", "Straße ẞ",
     "naïve café résumé", "Zürich Ångström São Paulo", "½ ² ① Ⅻ", "１２３ ｶﾀｶﾅ", "\ud83d\ude00 pair", "\ud800 lone",
-    "line one\nline two Ã©", "Ã©\nplain second line", "× ² ³", "√± ≈°", "Âµ Â½", "\u00a0nbsp\u00a0", "—–…·•",
+    "line one\nline two Ã©", "Ã©\nplain second line", "1\nÃ x", "1\nÂ x", "x\n\nÃ y\n", "× ² ³", "√± ≈°", "Âµ Â½", "\u00a0nbsp\u00a0", "—–…·•",
 ]
 # fmt: on
 
@@ -450,7 +450,7 @@ def test_ftfy_shortcut_is_exact_on_every_bmp_character():
     assert 60_000 < len(passed) < 0x10000 - 2000  # most of the BMP; not the triggers and surrogates
     for char in passed:
         assert ftfy.fix_text(char) == char and html.unescape(char) == char, hex(ord(char))
-    for text in [*"&\r\x85\u2028ﬁ’“！\x00\x1b\ufeff\u206a\ud800", "e\u0301", "cafÃ©", "Ã¼ber"]:
+    for text in [*"&\r\x85\u2028ﬁ’“！\x00\x1b\ufeff\u206a\ud800", "e\u0301", "cafÃ©", "Ã¼ber", "1\nÃ x"]:
         assert not _ftfy_leaves_unchanged(text), repr(text)  # triggers, not NFC, mojibake
 
 
@@ -460,10 +460,10 @@ def test_ftfy_shortcut_is_exact_on_random_mixtures(real_corpus):
     from clipforge.bpe import _ftfy_leaves_unchanged
 
     rng = random.Random(0)
-    pools = [range(0x20, 0x7F), range(0xA0, 0x250), range(0x370, 0x530), range(0x300, 0x370), range(0x2000, 0x2100),
+    pools = [(0x09, 0x0A, 0x20), range(0x20, 0x7F), range(0xA0, 0x250), range(0x370, 0x530), range(0x300, 0x370), range(0x2000, 0x2100),
              range(0x2500, 0x2600), range(0x3040, 0x3100), range(0xFB00, 0xFB07)]  # fmt: skip
     samples = [
-        "".join(chr(rng.choice(rng.choice(pools))) for _ in range(rng.randint(1, 6))) for _ in range(20_000)
+        "".join(chr(rng.choice(rng.choice(pools))) for _ in range(rng.randint(1, 8))) for _ in range(30_000)
     ]
     samples += real_corpus + [text.upper() for text in real_corpus] + ADVERSARIAL
     skipped = 0

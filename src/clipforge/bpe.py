@@ -1,10 +1,12 @@
 """CLIP's byte-level BPE tokenizer: the exact ids of OpenAI's tokenizer, fast batch encoding, counted truncation.
 
 The pipeline is OpenAI's: ``ftfy.fix_text``, ``html.unescape`` twice, whitespace collapse, lower-casing, a
-pre-tokenization regex, then byte-level BPE per word. Exact shortcuts make batches fast: text made only of
-printable ASCII (no '&') skips ftfy and unescaping, which provably leave it unchanged (``_NEEDS_FULL_CLEAN``);
-ids are cached per space-separated chunk, since no pre-token spans a space (``_ChunkCache``); and all such
-plain texts of a batch are lower-cased, split and looked up in one pass over a joined string.
+pre-tokenization regex, then byte-level BPE per word. Exact shortcuts make batches fast: text that ftfy and
+unescaping provably leave unchanged skips them (plain ASCII without '&', ``_NEEDS_FULL_CLEAN``, or any text
+without a character ftfy rewrites, NFC and not mojibake, ``_ftfy_leaves_unchanged``); BPE merges over a list
+of pair ranks (``_bpe``); ids are cached per pre-token and per space-separated chunk, since no pre-token spans
+a space (``_WordCache``, ``_ChunkCache``); and all such texts of a batch are lower-cased, split and looked up
+in one pass over a joined string.
 
 :class:`Tokenizer` is also the base of :class:`clipforge.wordpiece.WordPieceTokenizer` (overflow policy,
 packing, counters); :func:`clipforge.tokenizer.get_tokenizer` picks between them.
@@ -96,18 +98,26 @@ _MOJIBAKE_HINT = _mojibake_hint()
 def _ftfy_leaves_unchanged(text: str) -> bool:
     """True only if ``ftfy.fix_text(text) == text`` and ``html.unescape(text) == text`` (exact, conservative).
 
-    ``fix_text`` fixes each line in a loop that stops when one round changes nothing. In one round, no
-    character of ``_FTFY_TRIGGERS`` means HTML unescaping and every per-character fixer leave the line as is;
-    its mojibake repair (``fix_encoding``) returns a line unchanged unless ``ftfy.badness.is_bad`` finds a
-    suspicious sequence in it (a regex without anchors or look-arounds, so a match in a line is a match in the
-    whole text); and an NFC-normalized text stays as it is under NFC. Texts without '&' are left alone by
-    ``html.unescape``. Tests compare with ftfy on every BMP code point and on the real-text corpus.
+    ``fix_text`` fixes each line (up to and including its '\\n') in a loop that stops when one round changes
+    nothing. In one round, no character of ``_FTFY_TRIGGERS`` means HTML unescaping and every per-character
+    fixer leave the line as is; its mojibake repair (``fix_encoding``) returns a line unchanged unless
+    ``ftfy.badness.is_bad`` finds a suspicious sequence in that line (checked line by line, as ftfy does: the
+    regex has a ``^``); and an NFC-normalized text stays as it is under NFC. Texts without '&' are left alone
+    by ``html.unescape``. Tests compare with ftfy on every BMP code point and on random and real texts.
     """
     return (
         _FTFY_TRIGGERS.search(text) is None
         and unicodedata.is_normalized("NFC", text)
-        and (_MOJIBAKE_HINT.search(text) is None or not is_bad(text))
+        and (_MOJIBAKE_HINT.search(text) is None or not _any_line_is_bad(text))
     )
+
+
+def _any_line_is_bad(text: str) -> bool:
+    """``is_bad`` on each of ftfy's segments of ``text`` (lines keeping their '\\n'; long texts: assume so)."""
+    if len(text) > 100_000:  # ftfy also cuts lines over a million characters; not worth following it there
+        return True
+    lines = text.split("\n")
+    return any(map(is_bad, [line + "\n" for line in lines[:-1]] + lines[-1:]))
 
 
 def _cleans_simply(text: str) -> bool:
