@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import html
+import importlib.util
 import logging
 import pickle
 import random
 import threading
 import warnings
+from pathlib import Path
 
 import ftfy
 import numpy as np
@@ -370,3 +372,147 @@ def test_bounded_cache_and_threads(reference, corpus):
     for worker in range(4):
         assert torch.equal(results[worker], expected[worker::4])
     assert len(tokenizer._chunks) <= 17
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real multilingual text, adversarial strings, and the proofs behind the fast paths
+
+
+def _bench_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("bench_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def real_corpus() -> list[str]:
+    """4,000 real strings: the benchmark's sources (Tux Paint, Openclipart when installed; iso-codes names)."""
+    bench = _bench_module()
+    texts, _ = bench.real_texts(
+        4000,
+        tuxpaint_root=bench.tuxpaint.DEFAULT_ROOT,
+        openclipart_root=bench.openclipart.DEFAULT_SVG_ROOT,
+        catalogs=("iso_3166-1", "iso_15924", "iso_4217", "xdg-user-dirs"),
+    )
+    scripts = {bench.script_of(text) for text in texts}
+    assert len(texts) == 4000 and len(scripts) >= 20, (
+        f"found {len(texts)} real texts in {len(scripts)} scripts; install the Debian package iso-codes "
+        f"(apt-get install iso-codes) for the translated names under {bench.LOCALE_ROOT}"
+    )
+    return texts
+
+
+def test_real_multilingual_text_matches_open_clip(reference, real_corpus):
+    mismatched = [
+        t
+        for t, a, b in zip(real_corpus, Tokenizer()(real_corpus), reference(real_corpus))
+        if not torch.equal(a, b)
+    ]
+    assert not mismatched, f"{len(mismatched)} texts differ, first: {mismatched[0]!r}"
+    tokenizer = Tokenizer()
+    for text in real_corpus[:500]:  # the single-text path
+        assert tokenizer.encode(text) == reference.encode(text), repr(text)
+
+
+BADNESS_PATTERN_SHA256 = "9dcc0f2ac90d9ae3c85eb7b9b2c0b8a8e8126153847c2b30c91a0bb263f3b8c4"  # ftfy 6.3.1
+
+# fmt: off
+ADVERSARIAL = [
+    "🐱‍👤 ninja cat", "👩🏽‍🚀🚀", "🏳️‍⚧️", "e\u0301e\u0301", "cafe\u0301 crème", "Å Å Å", "ﷺ", "\u0e01\u0e34\u0e4a",
+    "مرحبا بالعالم", "שלום \u200fעולם\u200e", "\u202bRTL\u202c", "\u202eevil", "zero\u200bwidth", "zw\u200cnj\u200dj",
+    "\ufeffbom", "\u2060joiner", "x" * 200, "é" * 70, "кошка" * 20, "猫" * 30, "a\u0300" * 40, "🐱" * 20,
+    "&amp;&lt;&gt;", "caf&eacute;", "&#128512;", "AT&amp;T &nbsp;x", "cafÃ©", "â€œquotedâ€\x9d", "Ã¼ber naÃ¯ve",
+    "Ð¿Ñ€Ð¸Ð²ÐµÑ‚", "РїСЂРёРІРµС‚", "l’été “quoted”", "ＬＯＵＤ　ＮＯＩＳＥＳ", "ﬁsh ﬂower ĳs", "a\r\nb\u2028c\u2029d\x85e",
+    "\x1b[31mred\x1b[0m", "ΑΣ\tΑ", "ΑΣ\u3000Β", "ΟΔΟΣ ΟΔΟΣ.", "İstanbul ǅ ß", "Å\u030a", "\u0345\u0399", "Straße ẞ",
+    "naïve café résumé", "Zürich Ångström São Paulo", "½ ² ① Ⅻ", "１２３ ｶﾀｶﾅ", "\ud83d\ude00 pair", "\ud800 lone",
+    "line one\nline two Ã©", "Ã©\nplain second line", "1\nÃ x", "1\nÂ x", "x\n\nÃ y\n", "× ² ³", "√± ≈°", "Âµ Â½", "\u00a0nbsp\u00a0", "—–…·•",
+]
+# fmt: on
+
+
+def test_adversarial_strings_match_open_clip(reference):
+    texts = ADVERSARIAL + [a + " " + b for a, b in zip(ADVERSARIAL, ADVERSARIAL[7:] + ADVERSARIAL[:7])]
+    assert torch.equal(Tokenizer()(texts), reference(texts))  # the batch path
+    assert torch.equal(torch.cat([Tokenizer()(text) for text in texts]), reference(texts))  # one at a time
+    tokenizer = Tokenizer()
+    for text in texts:
+        assert tokenizer.encode(text) == reference.encode(text), repr(text)
+
+
+@pytest.mark.slow
+def test_ftfy_shortcut_is_exact_on_every_bmp_character():
+    """Every single character the shortcut lets through is left unchanged by ftfy and html.unescape."""
+    from clipforge.bpe import _ftfy_leaves_unchanged
+
+    passed = [chr(code) for code in range(0x10000) if _ftfy_leaves_unchanged(chr(code))]
+    assert 60_000 < len(passed) < 0x10000 - 2000  # most of the BMP; not the triggers and surrogates
+    for char in passed:
+        assert ftfy.fix_text(char) == char and html.unescape(char) == char, hex(ord(char))
+    for text in [*"&\r\x85\u2028ﬁ’“！\x00\x1b\ufeff\u206a\ud800", "e\u0301", "cafÃ©", "Ã¼ber", "1\nÃ x"]:
+        assert not _ftfy_leaves_unchanged(text), repr(text)  # triggers, not NFC, mojibake
+
+
+@pytest.mark.slow
+def test_ftfy_shortcut_is_exact_on_random_mixtures(real_corpus):
+    """Strings of characters ftfy's heuristics care about: when the shortcut skips ftfy, ftfy changes nothing."""
+    from clipforge.bpe import _ftfy_leaves_unchanged
+
+    rng = random.Random(0)
+    pools = [(0x09, 0x0A, 0x20), range(0x20, 0x7F), range(0xA0, 0x250), range(0x370, 0x530), range(0x300, 0x370), range(0x2000, 0x2100),
+             range(0x2500, 0x2600), range(0x3040, 0x3100), range(0xFB00, 0xFB07)]  # fmt: skip
+    samples = [
+        "".join(chr(rng.choice(rng.choice(pools))) for _ in range(rng.randint(1, 8))) for _ in range(30_000)
+    ]
+    samples += real_corpus + [text.upper() for text in real_corpus] + ADVERSARIAL
+    skipped = 0
+    for text in samples:
+        if _ftfy_leaves_unchanged(text):
+            skipped += 1
+            assert ftfy.fix_text(text) == text and html.unescape(text) == text, repr(text)
+            assert clean_text(text) == " ".join(text.split()).lower()
+    assert skipped > len(samples) // 3  # the test exercised the shortcut, not only the full path
+
+
+def test_mojibake_hint_covers_ftfy_badness_regex():
+    """``is_bad`` is only skipped for texts without a hint character; pinned to the regex it was checked on."""
+    from ftfy.badness import BADNESS_RE, is_bad
+
+    from clipforge.bpe import _MOJIBAKE_HINT
+
+    digest = hashlib.sha256(BADNESS_RE.pattern.encode("utf-8", "surrogatepass")).hexdigest()
+    assert digest == BADNESS_PATTERN_SHA256, (
+        "ftfy's BADNESS_RE changed: check that every alternative still contains a position drawn from "
+        "MOJIBAKE_CATEGORIES or a non-ASCII literal (clipforge.bpe._mojibake_hint), then update the digest"
+    )
+    rng = random.Random(0)
+    for _ in range(20_000):
+        text = "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randint(2, 5)))
+        if _MOJIBAKE_HINT.search(text) is None:
+            assert not is_bad(text), repr(text)
+
+
+@pytest.mark.slow
+def test_lower_commutes_with_whitespace_and_joins():
+    """The batch path lower-cases many texts joined by spaces: lower() must not create or remove whitespace,
+    and whitespace must not be case-ignorable (Greek final sigma would see across it)."""
+    for code in range(0x110000):
+        char = chr(code)
+        lowered = char.lower()
+        if char.isspace():
+            assert lowered == char and ("aΣ" + char + "b").lower() == "aς" + char + "b", hex(code)
+            assert ("b" + char + "Σ").lower() == "b" + char + "σ", hex(code)
+        else:
+            assert not any(c.isspace() for c in lowered), hex(code)
+
+
+def test_merges_use_only_earlier_merges():
+    """Why one-at-a-time merging equals OpenAI's pass per rank: a merge's parts are made by earlier merges."""
+    from clipforge.bpe import _load_vocab
+
+    vocab = _load_vocab()
+    made_at = {merged: rank for (rank, merged) in vocab.merges.values()}
+    for (left, right), (rank, _) in vocab.merges.items():
+        assert made_at.get(left, -1) < rank and made_at.get(right, -1) < rank
+    assert len(vocab.merged_ids) == len(vocab.ranks) == 48_894

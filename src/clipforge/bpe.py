@@ -1,10 +1,12 @@
 """CLIP's byte-level BPE tokenizer: the exact ids of OpenAI's tokenizer, fast batch encoding, counted truncation.
 
 The pipeline is OpenAI's: ``ftfy.fix_text``, ``html.unescape`` twice, whitespace collapse, lower-casing, a
-pre-tokenization regex, then byte-level BPE per word. Exact shortcuts make batches fast: text made only of
-printable ASCII (no '&') skips ftfy and unescaping, which provably leave it unchanged (``_NEEDS_FULL_CLEAN``);
-ids are cached per space-separated chunk, since no pre-token spans a space (``_ChunkCache``); and all such
-plain texts of a batch are lower-cased, split and looked up in one pass over a joined string.
+pre-tokenization regex, then byte-level BPE per word. Exact shortcuts make batches fast: text that ftfy and
+unescaping provably leave unchanged skips them (plain ASCII without '&', ``_NEEDS_FULL_CLEAN``, or any text
+without a character ftfy rewrites, NFC and not mojibake, ``_ftfy_leaves_unchanged``); BPE merges over a list
+of pair ranks (``_bpe``); ids are cached per pre-token and per space-separated chunk, since no pre-token spans
+a space (``_WordCache``, ``_ChunkCache``); and all such texts of a batch are lower-cased, split and looked up
+in one pass over a joined string.
 
 :class:`Tokenizer` is also the base of :class:`clipforge.wordpiece.WordPieceTokenizer` (overflow policy,
 packing, counters); :func:`clipforge.tokenizer.get_tokenizer` picks between them.
@@ -17,10 +19,12 @@ import html
 import logging
 import operator
 import re
+import unicodedata
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain, pairwise
+from itertools import pairwise, repeat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +32,7 @@ import ftfy
 import numpy as np
 import regex
 import torch
+from ftfy.badness import BADNESS_RE, MOJIBAKE_CATEGORIES, is_bad
 
 logger = logging.getLogger("clipforge.tokenizer")  # the name users configure for every tokenizer
 
@@ -50,6 +55,74 @@ _PRETOKENIZE = regex.compile(
 # the rest are removed) or '&' entities. ``html.unescape`` returns text without '&' as is. So cleaning plain
 # text is only the whitespace collapse and lower-casing; tests check this on every plain character and pair.
 _NEEDS_FULL_CLEAN = re.compile(r"[^\t\n\x20-\x25\x27-\x7e]")
+
+
+def _ftfy_triggers() -> re.Pattern[str]:
+    """The characters some fixer of ``ftfy.fix_text`` (default settings) rewrites or removes on its own.
+
+    Taken from ftfy's own tables, so they follow the locked ftfy: '&' (HTML entities), C1 controls and NEL
+    (``fix_c1_controls``, ``fix_line_breaks``), ``LIGATURES``, ``WIDTH_MAP`` (``fix_character_width``), curly
+    quotes (``uncurl_quotes``), CR and the Unicode line/paragraph separators, surrogates, and
+    ``CONTROL_CHARS`` (``remove_control_chars``; it includes ESC, so no terminal escape sequence either).
+    """
+    from ftfy import chardata
+
+    codes = {ord("&"), ord("\r"), 0x2028, 0x2029, *range(0x80, 0xA0), *range(0xD800, 0xE000)}
+    codes |= set(chardata.LIGATURES) | set(chardata.WIDTH_MAP) | set(chardata.CONTROL_CHARS)
+    codes |= {ord(c) for c in "\u02bc\u2018\u2019\u201a\u201b\u201c\u201d\u201e\u201f"}
+    if chardata.SINGLE_QUOTE_RE.pattern != "[\u02bc\u2018-\u201b]" or chardata.DOUBLE_QUOTE_RE.pattern != (
+        "[\u201c-\u201f]"
+    ):
+        raise RuntimeError("ftfy's quote patterns changed: update clipforge.bpe._ftfy_triggers")
+    return re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(codes)) + "]")
+
+
+_FTFY_TRIGGERS = _ftfy_triggers()
+
+
+def _mojibake_hint() -> re.Pattern[str]:
+    """The characters one of which every match of ``ftfy.badness.BADNESS_RE`` contains.
+
+    Each alternative of that regex has a position drawn from its ``MOJIBAKE_CATEGORIES`` or a non-ASCII literal
+    (the others, such as ``[a-z]`` or ``\\s``, only ever sit next to one), so a text without any of these is not
+    "bad" and ``is_bad`` need not run. Checked for the locked ftfy by a test pinning the regex's source.
+    """
+    literals = sorted({c for c in BADNESS_RE.pattern if ord(c) > 0x7F})
+    categories = "".join(MOJIBAKE_CATEGORIES.values())  # ranges such as "\x80-\x9f", composable as ftfy does
+    return re.compile("[" + categories + re.escape("".join(literals)) + "]")
+
+
+_MOJIBAKE_HINT = _mojibake_hint()
+
+
+def _ftfy_leaves_unchanged(text: str) -> bool:
+    """True only if ``ftfy.fix_text(text) == text`` and ``html.unescape(text) == text`` (exact, conservative).
+
+    ``fix_text`` fixes each line (up to and including its '\\n') in a loop that stops when one round changes
+    nothing. In one round, no character of ``_FTFY_TRIGGERS`` means HTML unescaping and every per-character
+    fixer leave the line as is; its mojibake repair (``fix_encoding``) returns a line unchanged unless
+    ``ftfy.badness.is_bad`` finds a suspicious sequence in that line (checked line by line, as ftfy does: the
+    regex has a ``^``); and an NFC-normalized text stays as it is under NFC. Texts without '&' are left alone
+    by ``html.unescape``. Tests compare with ftfy on every BMP code point and on random and real texts.
+    """
+    return (
+        _FTFY_TRIGGERS.search(text) is None
+        and unicodedata.is_normalized("NFC", text)
+        and (_MOJIBAKE_HINT.search(text) is None or not _any_line_is_bad(text))
+    )
+
+
+def _any_line_is_bad(text: str) -> bool:
+    """``is_bad`` on each of ftfy's segments of ``text`` (lines keeping their '\\n'; long texts: assume so)."""
+    if len(text) > 100_000:  # ftfy also cuts lines over a million characters; not worth following it there
+        return True
+    lines = text.split("\n")
+    return any(map(is_bad, [line + "\n" for line in lines[:-1]] + lines[-1:]))
+
+
+def _cleans_simply(text: str) -> bool:
+    """True only if :func:`clean_text` of ``text`` is ``" ".join(text.split()).lower()`` (no ftfy needed)."""
+    return _NEEDS_FULL_CLEAN.search(text) is None or _ftfy_leaves_unchanged(text)
 
 
 class TokenizerOverflowError(ValueError):
@@ -78,6 +151,8 @@ class _Vocab:
     byte_ids: tuple[int, ...]  # byte value -> id of its symbol inside a word
     byte_end_ids: tuple[int, ...]  # byte value -> id of its symbol ending a word ('</w>' variant)
     merges: dict[tuple[int, int], tuple[int, int]]  # (left id, right id) -> (merge rank, merged id)
+    ranks: dict[tuple[int, int], int]  # (left id, right id) -> merge rank
+    merged_ids: tuple[int, ...]  # merge rank -> merged id
 
 
 @lru_cache(maxsize=1)
@@ -104,38 +179,42 @@ def _load_vocab() -> _Vocab:
         byte_ids=tuple(encoder[byte_symbols[b]] for b in range(256)),
         byte_end_ids=tuple(encoder[byte_symbols[b] + END_OF_WORD] for b in range(256)),
         merges=merges,
+        ranks={pair: rank for pair, (rank, _) in merges.items()},
+        merged_ids=tuple(merged for _, merged in sorted(merges.values())),
     )
 
 
 def _bpe(word: str, vocab: _Vocab) -> list[int]:
-    """Byte-level BPE of one pre-token: repeatedly merge every occurrence of the lowest-ranked adjacent pair."""
+    """Byte-level BPE of one pre-token: repeatedly merge the lowest-ranked adjacent pair, leftmost first.
+
+    OpenAI merges every occurrence of the lowest-ranked pair in one left-to-right pass, then looks again.
+    Merging one occurrence at a time, leftmost first, gives the same ids: every pair a merge creates contains
+    the merged symbol, and a merge using a symbol ranks after the merge that made it (tests check this on the
+    merges file), so the other occurrences of the same pair are still the lowest-ranked and are taken next,
+    left to right. ``ranks[k]`` is the rank of the pair at ``k`` (``NUM_MERGES``: no merge); a merge updates
+    its two neighbours only, and ``min`` and ``index`` scan the list in C.
+    """
     if word in (SOT_TEXT, EOT_TEXT):
         return [vocab.encoder[word]]
     data = word.encode("utf-8")
-    symbols = [vocab.byte_ids[b] for b in data[:-1]]
+    symbols = list(map(vocab.byte_ids.__getitem__, data[:-1]))
     symbols.append(vocab.byte_end_ids[data[-1]])
-    merges = vocab.merges
     if len(symbols) > _LONG_WORD:
-        return _bpe_heap(symbols, merges)
-    while len(symbols) > 1:
-        best_rank, best_pair, merged_id = NUM_MERGES, (0, 0), 0
-        for pair in pairwise(symbols):
-            merge = merges.get(pair)
-            if merge is not None and merge[0] < best_rank:
-                best_pair, (best_rank, merged_id) = pair, merge
-        if best_rank == NUM_MERGES:
+        return _bpe_heap(symbols, vocab.merges)
+    rank_of, merged_ids = vocab.ranks.get, vocab.merged_ids
+    ranks = list(map(rank_of, pairwise(symbols), repeat(NUM_MERGES)))
+    while ranks:
+        best = min(ranks)
+        if best == NUM_MERGES:
             break
-        left, right = best_pair
-        merged: list[int] = []
-        i, n = 0, len(symbols)
-        while i < n:  # left to right, non-overlapping
-            if i + 1 < n and symbols[i] == left and symbols[i + 1] == right:
-                merged.append(merged_id)
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
+        i = ranks.index(best)
+        merged = merged_ids[best]
+        symbols[i : i + 2] = (merged,)
+        del ranks[i]
+        if i:
+            ranks[i - 1] = rank_of((symbols[i - 1], merged), NUM_MERGES)
+        if i < len(ranks):
+            ranks[i] = rank_of((merged, symbols[i + 1]), NUM_MERGES)
     return symbols
 
 
@@ -192,10 +271,32 @@ _TEXT_BREAK = "\x00"
 _TEXT_BREAK_IDS = np.array([-1], dtype=np.int32).tobytes()
 
 
-def _chunk_ids(chunk: str, vocab: _Vocab) -> bytes:
-    """Token ids (native int32 bytes) of one space-free chunk of cleaned text: pre-tokenize, then BPE."""
-    words = _PRETOKENIZE.findall(chunk)
-    return np.array(list(chain.from_iterable(_bpe(word, vocab) for word in words)), dtype=np.int32).tobytes()
+class _WordCache(dict):
+    """Pre-token (e.g. ``"cat"``) -> its BPE ids as native int32 bytes; filled on a miss, cleared when full.
+
+    Chunks that differ only around a word (``"cat."``, ``"cat,"``) share its BPE run.
+    """
+
+    max_size = 1 << 17
+
+    def __init__(self, vocab: _Vocab) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def __missing__(self, word: str) -> bytes:
+        ids = array("i", _bpe(word, self.vocab)).tobytes()
+        if len(self) >= self.max_size:
+            self.clear()  # a bound, not an LRU
+        self[word] = ids
+        return ids
+
+    def chunk_ids(self, chunk: str) -> bytes:
+        """Token ids (native int32 bytes) of one space-free chunk of cleaned text: pre-tokenize, then BPE."""
+        return b"".join(map(self.__getitem__, _PRETOKENIZE.findall(chunk)))
+
+
+if array("i").itemsize != np.dtype(np.int32).itemsize:  # ids travel as C ints and are read back as int32
+    raise ImportError("clipforge.bpe needs a 4-byte C int")
 
 
 class _ChunkCache(dict):
@@ -210,12 +311,12 @@ class _ChunkCache(dict):
 
     def __init__(self, vocab: _Vocab) -> None:
         super().__init__({_TEXT_BREAK: _TEXT_BREAK_IDS})
-        self.vocab = vocab
+        self.words = _WordCache(vocab)
 
     def __missing__(self, chunk: str) -> bytes:
         if chunk == _TEXT_BREAK:  # only after clear(), e.g. by another thread
             return _TEXT_BREAK_IDS
-        ids = _chunk_ids(chunk, self.vocab)
+        ids = self.words.chunk_ids(chunk)
         if len(self) >= self.max_size:
             self.clear()  # a bound, not an LRU: refilling costs one BPE run per distinct chunk
             self[_TEXT_BREAK] = _TEXT_BREAK_IDS
@@ -225,13 +326,13 @@ class _ChunkCache(dict):
     def ids_of(self, chunks: list[str]) -> bytes:
         """Concatenated ids of the chunks of one cleaned text (the reserved key is never looked up)."""
         if _TEXT_BREAK in chunks:
-            return b"".join(_chunk_ids(chunk, self.vocab) for chunk in chunks)
+            return b"".join(map(self.words.chunk_ids, chunks))
         return b"".join(map(self.__getitem__, chunks))
 
 
 def clean_text(text: str) -> str:
     """OpenAI's cleaning: ``ftfy.fix_text``, HTML-unescape twice, collapse whitespace, lower-case."""
-    if _NEEDS_FULL_CLEAN.search(text) is None:  # exact shortcut, see _NEEDS_FULL_CLEAN
+    if _cleans_simply(text):  # exact shortcut, see _NEEDS_FULL_CLEAN and _ftfy_leaves_unchanged
         return " ".join(text.split()).lower()
     return _full_clean(text)
 
@@ -383,7 +484,7 @@ class Tokenizer:
         if all_plain:
             plain_rows, plain, other_rows, other = np.arange(len(texts)), texts, np.arange(0), []
         else:
-            is_plain = np.fromiter((search(text) is None for text in texts), dtype=bool, count=len(texts))
+            is_plain = np.fromiter(map(_cleans_simply, texts), dtype=bool, count=len(texts))
             plain_rows, other_rows = np.flatnonzero(is_plain), np.flatnonzero(~is_plain)
             plain = [texts[i] for i in plain_rows.tolist()]
             other = [texts[i] for i in other_rows.tolist()]
@@ -396,11 +497,13 @@ class Tokenizer:
         return rows, np.concatenate([plain_lengths, other_lengths]), ids
 
     def _encode_plain(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Lengths [N] and concatenated ids [total] of plain-ASCII texts, in one pass over a joined string.
+        """Lengths [N] and concatenated ids [total] of texts that clean simply, in one pass over a joined string.
 
-        Cleaning them is ``" ".join(text.split()).lower()``; lower() acts per character on ASCII, so it
-        commutes with the whitespace collapse, and split() yields the chunks. A text break is a chunk of
-        its own (no plain text contains it) whose id -1 marks where each text ends.
+        Cleaning them is ``" ".join(text.split()).lower()`` (:func:`_cleans_simply`). lower() commutes with the
+        join and the whitespace collapse: it maps no character to or from whitespace, and no whitespace is
+        case-ignorable, so Greek final sigma sees the same context (tests check both on every code point).
+        split() yields the chunks. A text break is a chunk of its own (ftfy removes NUL, so no such text
+        contains it) whose id -1 marks where each text ends.
         """
         if not texts:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
