@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clipforge-installed
 
-.PHONY: demo test test-fast lint format clean venv debian-packages
+.PHONY: demo test test-fast lint format clean venv debian-packages bench-data
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # Debian packages some tests need (the emoji font for the emoji renderer's test). Installed when missing and this
 # is root with apt-get (CI, a fresh container); elsewhere the command to run is printed and those tests fail.
-DEBIAN_PACKAGES := fonts-noto-color-emoji
+DEBIAN_PACKAGES := fonts-noto-color-emoji iso-codes
 debian-packages:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -28,6 +28,11 @@ debian-packages:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 		else echo "missing Debian packages: $$missing (sudo apt-get install $$missing)"; fi; \
 	fi
+
+# The real captions the benchmarks read (Tux Paint stamp descriptions and translations, Openclipart titles;
+# ~185 MB download); without them they fall back to synthetic captions and say so.
+bench-data:
+	$(MAKE) debian-packages DEBIAN_PACKAGES="tuxpaint-stamps-default openclipart-svg iso-codes"
 
 test: $(STAMP) debian-packages
 	$(PY) -m ruff check src tests benchmarks scripts
