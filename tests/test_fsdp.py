@@ -37,7 +37,9 @@ def _config(shards: Path, out: Path, name: str, **extra):
     })  # fmt: skip
 
 
-def _worker(rank: int, world: int, port: int, shards: str, out: str, name: str, extra: str, resume: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, shards: str, out: str, name: str, extra: str, resume: str
+) -> None:
     _set_torchrun_env(rank, world, port)
     try:
         if resume:
@@ -52,7 +54,9 @@ def _worker(rank: int, world: int, port: int, shards: str, out: str, name: str, 
 
 
 def _run(shards: Path, out: Path, name: str, resume: str = "", **extra) -> list[dict]:
-    codes = _run_ranks(_worker, (str(shards), str(out), name, json.dumps(extra), resume), world=2, deadline_s=300)
+    codes = _run_ranks(
+        _worker, (str(shards), str(out), name, json.dumps(extra), resume), world=2, deadline_s=300
+    )
     outcomes = [json.loads((out / f"{name}-rank{r}.json").read_text()) for r in range(2) if codes[r] == 0]
     assert codes == [0, 0] and all("error" not in o for o in outcomes), (codes, outcomes)
     return outcomes
@@ -77,7 +81,10 @@ def test_fsdp_gives_ddps_losses_and_weights(runs):
     assert len(ddp) == len(fsdp) == STEPS
     # Same arithmetic up to the order of the reductions (reduce-scatter vs all-reduce, sharded norms): fp32.
     assert fsdp == pytest.approx(ddp, rel=1e-5, abs=1e-6)
-    expected, got = load_file(runs / "ddp" / "model.safetensors"), load_file(runs / "fsdp" / "model.safetensors")
+    expected, got = (
+        load_file(runs / "ddp" / "model.safetensors"),
+        load_file(runs / "fsdp" / "model.safetensors"),
+    )
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -89,7 +96,9 @@ def test_sharded_checkpoints_are_complete_folders(runs):
     found = list_checkpoints(runs / "fsdp")
     assert [p.name for p in found] == ["step_00000003", "step_00000006"]
     files = {p.name for p in found[-1].iterdir()}
-    assert {"SHA256SUMS", "train_state.pt", ".metadata"} <= files and any(f.endswith(".distcp") for f in files)
+    assert {"SHA256SUMS", "train_state.pt", ".metadata"} <= files and any(
+        f.endswith(".distcp") for f in files
+    )
     path, state = load_resume(runs / "fsdp")
     assert path == found[-1] and state["step"] == STEPS and state["sharded"] and "model" not in state
     copy = runs.parent / "damaged-run"

@@ -142,7 +142,7 @@ class TrainConfig:
     # ddp: a whole replica per rank. fsdp: parameters, gradients and optimizer state sharded over the ranks
     # (torch FSDP2; checkpoints become folders of shards; see clipforge.train.fsdp).
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    fsdp_reshard_after_forward: bool = True  # false: keep gathered parameters from forward to backward (faster)
+    fsdp_reshard_after_forward: bool = True  # false: keep gathered weights from forward to backward (faster)
     loss_chunk_size: int = 0  # >0: memory-bounded exact loss over row chunks of this size
     loss: LossConfig = field(default_factory=LossConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
