@@ -145,3 +145,13 @@ def test_consolidate_refuses_a_file_checkpoint(shards, tmp_path):
     summary = train(_config(shards, tmp_path, "plain", steps=1, accum_steps=1))
     with pytest.raises(ConfigError, match="not a sharded"):
         consolidate(list_checkpoints(Path(summary.run_dir))[-1])
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(shards, tmp_path):
+    _run(shards, tmp_path, "bf16", **{"parallel": "fsdp", "precision": "bf16", "steps": 2, "accum_steps": 1})
+    losses = _losses(tmp_path / "bf16")
+    assert len(losses) == 2 and all(0.5 < loss < 10 for loss in losses)
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    # bf16 compute, fp32 master weights
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
