@@ -11,7 +11,7 @@ all objectives.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -96,6 +96,27 @@ class TowerlessObjective:
         return None
 
 
+def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Around a micro-batch's backward: gradients synchronised over the ranks (``sync``, the step's last
+    micro-batch) or accumulated locally (DDP's ``no_sync``, FSDP's ``set_requires_gradient_sync(False)``)."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def accumulate_gradients(
     model: nn.Module,
     loss_of: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -108,7 +129,7 @@ def accumulate_gradients(
 
     Each micro-batch's mean loss is weighted by its share of the items (``weight_of(images, tokens)``; default:
     its number of images), so the accumulated gradient equals one pass over the concatenated batch. Under
-    DistributedDataParallel gradients are synchronised on the last micro-batch only. Returns the batch-mean
+    DistributedDataParallel or FSDP gradients are synchronised on the last micro-batch only. Returns the batch-mean
     loss (detached).
     """
     weight_of = weight_of or (lambda images, tokens: float(images.shape[0]))
@@ -117,9 +138,7 @@ def accumulate_gradients(
     ctx = autocast or contextlib.nullcontext
     loss_sum = torch.zeros(())
     for index, (images, tokens) in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with gradient_sync(model, sync=index == len(micro_batches) - 1):
             with ctx():
                 loss = loss_of(model, images, tokens).float() * (weights[index] / total)
             (loss_scale(loss) if loss_scale else loss).backward()

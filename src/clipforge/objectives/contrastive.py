@@ -27,7 +27,7 @@ from clipforge.config import ConfigError, ModelConfig
 from clipforge.distributed import unwrap
 from clipforge.losses import ContrastiveLoss, SigmoidLoss, caption_ids
 from clipforge.model import CLIP
-from clipforge.objectives.base import Autocast, MicroBatch, Tokenizer, ZeroShotScorer
+from clipforge.objectives.base import Autocast, MicroBatch, Tokenizer, ZeroShotScorer, gradient_sync
 
 log = logging.getLogger("clipforge.train")
 
@@ -130,8 +130,8 @@ def compute_gradients(
 ) -> torch.Tensor:
     """Accumulate into ``.grad`` the gradient of the contrastive loss over all ``micro_batches`` together.
 
-    ``model`` may be wrapped in DistributedDataParallel (gradients are synchronised on the last micro-batch
-    only). ``loss_scale`` multiplies the loss before backward (fp16 grad scaling). Returns the loss (detached,
+    ``model`` may be wrapped in DistributedDataParallel or sharded with FSDP (gradients are synchronised on the
+    last micro-batch only). ``loss_scale`` multiplies the loss before backward (fp16 grad scaling). Returns the loss (detached,
     this rank's share: see :class:`clipforge.losses.ContrastiveLoss`). A model with a ``logit_bias`` passes it
     to the loss; a loss with ``multi_positive`` gets the :func:`~clipforge.losses.caption_ids` of the tokens.
     """
@@ -160,9 +160,7 @@ def compute_gradients(
     _set_rng_state(rng)  # the recompute draws what the cached pass drew
     start = 0
     for index, (images, tokens) in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with gradient_sync(model, sync=index == len(micro_batches) - 1):
             with ctx():
                 out = model(images, tokens)
             rows = slice(start, start + images.shape[0])

@@ -139,6 +139,10 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches per step; the contrastive batch stays whole (features cached)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the training forward/backward (see clipforge.model.compile)
+    # ddp: a whole replica per rank. fsdp: parameters, gradients and optimizer state sharded over the ranks
+    # (torch FSDP2; checkpoints become folders of shards; see clipforge.train.fsdp).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_reshard_after_forward: bool = True  # false: keep gathered weights from forward to backward (faster)
     loss_chunk_size: int = 0  # >0: memory-bounded exact loss over row chunks of this size
     loss: LossConfig = field(default_factory=LossConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"

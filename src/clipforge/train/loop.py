@@ -32,7 +32,7 @@ from clipforge.files import atomic_write_text
 from clipforge.model.compile import compile_module
 from clipforge.objectives import objective_for, save_model
 from clipforge.train import checkpoint as ckpt
-from clipforge.train import setup
+from clipforge.train import fsdp, setup
 from clipforge.train.config import TrainConfig, train_config_from_dict
 from clipforge.train.data import build_batches, next_batch
 from clipforge.train.errors import Preempted, TrainingError
@@ -107,7 +107,9 @@ class _Run:
     """A built run: what the step and the loop work on."""
 
     model: nn.Module  # the bare model (saved, evaluated)
-    ddp_model: nn.Module  # what the step runs: the model, DistributedDataParallel-wrapped with several ranks
+    # What the step runs: the model, DistributedDataParallel-wrapped with several ranks (with parallel=fsdp: the
+    # model itself, sharded in place).
+    ddp_model: nn.Module
     optim: Optimization
     batches: Iterator[Batch | StreamFailure]
     caches: dict[str, FeatureCache]
@@ -169,6 +171,8 @@ class _Trainer:
     def build(self) -> _Run:
         cfg, env = self.config, self.env
         model, caches = setup.build_model(cfg, self.objective, self.device)
+        if cfg.parallel == "fsdp":  # before the optimizer, which must hold the sharded parameters
+            fsdp.shard_model(model, cfg, env, caches, self.device)
         sources = [open_source(spec) for spec in cfg.data.train]
         dataset_size = setup.dataset_size(sources, cfg)
         total_steps = setup.total_steps(cfg, dataset_size)
@@ -180,7 +184,7 @@ class _Trainer:
         if self.state is not None:
             assert self.resume_path is not None
             counters = restore(self.state, model, optim, cfg, env, self.resume_path)
-        ddp_model = model if env.world_size == 1 else DistributedDataParallel(model)
+        ddp_model = model if env.world_size == 1 or fsdp.is_sharded(model) else DistributedDataParallel(model)
         if cfg.compile:
             ddp_model = compile_module(ddp_model, self.device)
         deterministic = "image" in caches  # a cached image's tensor must be the same every epoch
@@ -354,9 +358,9 @@ class _Trainer:
     def _run_hooks(self, run: _Run) -> None:
         if not self.hooks:
             return
-        model, counters = run.model, run.counters
+        model, counters = self._whole_model(run), run.counters
         if self.env.is_main:
-            model.eval()
+            model.to(self.device).eval()
             record: dict[str, Any] = {"step": counters.step, "samples": counters.samples_seen}
             with torch.no_grad():
                 for hook in self.hooks:
@@ -370,15 +374,20 @@ class _Trainer:
     def _save(self, run: _Run) -> Path:
         """Checkpoint the current step (a collective); a failed write (disk full) stops the run, the previous
         checkpoint intact."""
-        step = run.counters.step
+        step, sharded = run.counters.step, fsdp.is_sharded(run.model)
         payload = checkpoint_payload(run.model, run.optim, run.counters, self.config, self.env)
-        path = ckpt.checkpoint_path(self.run_dir, step)
-        if payload is None:
+        path = ckpt.checkpoint_path(self.run_dir, step, sharded)
+        if payload is None and not sharded:
             run.saved_step = step
             return path
         previous = ckpt.list_checkpoints(self.run_dir)
         try:
-            ckpt.save_training_checkpoint(self.run_dir, step, payload, self.config.run.keep_last)
+            if sharded:  # every rank writes its shards
+                fsdp.save_sharded_checkpoint(
+                    self.run_dir, step, run.model, run.optim.optimizer, payload, self.config.run.keep_last
+                )
+            else:
+                ckpt.save_training_checkpoint(self.run_dir, step, payload, self.config.run.keep_last)
         except OSError as exc:
             kept = (
                 f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
@@ -399,7 +408,7 @@ class _Trainer:
             run.bar.close()
         step = run.counters.step
         if step == run.saved_step:
-            return ckpt.checkpoint_path(self.run_dir, step)
+            return ckpt.checkpoint_path(self.run_dir, step, fsdp.is_sharded(run.model))
         if step == run.start_step:
             return self.resume_path
         return self._save(run)
@@ -424,14 +433,21 @@ class _Trainer:
             resumed_from=str(self.resume_path) if self.resume_path else None,
             feature_cache={tower: cache.stats() for tower, cache in run.caches.items()},
         )
+        model = self._whole_model(run)
         if self.env.is_main:
-            self._write_results(run, summary)
+            self._write_results(run, summary, model)
         return summary
 
-    def _write_results(self, run: _Run, summary: RunSummary) -> None:
+    def _whole_model(self, run: _Run) -> nn.Module:
+        """The model with every weight, on rank 0: the model itself, or a sharded one gathered (a collective)."""
+        if not fsdp.is_sharded(run.model):
+            return run.model
+        return fsdp.export_model(run.model, self.objective)  # type: ignore[return-value]
+
+    def _write_results(self, run: _Run, summary: RunSummary, model: nn.Module) -> None:
         try:
             summary.model_path = str(
-                save_model(run.model, self.run_dir / "model.safetensors", self.config.objective)
+                save_model(model, self.run_dir / "model.safetensors", self.config.objective)
             )
             atomic_write_text(self.run_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
             write_loss_plot(self.run_dir)

@@ -17,6 +17,7 @@ from clipforge.checkpoint.towers import fill_tower_weights, split_tower_weights
 from clipforge.config import ConfigError
 from clipforge.distributed import DistEnv
 from clipforge.train import checkpoint as ckpt
+from clipforge.train import fsdp
 from clipforge.train.config import TrainConfig
 
 log = logging.getLogger("clipforge.train")
@@ -59,8 +60,11 @@ def restore(
             f"{data['num_workers']}), not {env.world_size} x {config.data.num_workers}: the data stream is "
             "split by both. Relaunch with the saved numbers (--set data.num_workers=...)"
         )
-    model.load_state_dict(fill_tower_weights(model, state["model"], state.get("towers", {}), path))
-    optim.optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded"):
+        fsdp.load_sharded(path, model, optim.optimizer)
+    else:
+        model.load_state_dict(fill_tower_weights(model, state["model"], state.get("towers", {}), path))
+        optim.optimizer.load_state_dict(state["optimizer"])
     optim.scheduler.load_state_dict(state["scheduler"])
     if optim.scaler is not None and state.get("scaler"):
         optim.scaler.load_state_dict(state["scaler"])
@@ -90,7 +94,8 @@ def checkpoint_payload(
     model: nn.Module, optim: Optimization, counters: Counters, config: TrainConfig, env: DistEnv
 ) -> dict[str, Any] | None:
     """Everything a checkpoint holds, on rank 0 (None on the others). A collective: every rank calls it, since
-    positions and counts are gathered from all ranks."""
+    positions and counts are gathered from all ranks. A sharded model's weights and optimizer state are left out
+    (:func:`clipforge.train.fsdp.save_sharded_checkpoint` writes them)."""
     positions = dict(counters.positions)
     if env.world_size > 1:
         gathered: list[dict[int, int]] = [{} for _ in range(env.world_size)]
@@ -100,14 +105,15 @@ def checkpoint_payload(
     counts = global_counts(counters.counts, env)
     if not env.is_main:
         return None
-    model_state, towers = split_tower_weights(model)  # tensors still equal to a tower package's stay out
+    weights: dict[str, Any] = {}
+    if not fsdp.is_sharded(model):
+        model_state, towers = split_tower_weights(model)  # tensors still equal to a tower package's stay out
+        weights = {"model": model_state, "towers": towers, "optimizer": optim.optimizer.state_dict()}
     return {
         "config": config.to_json(),
         "model_config": model.config.to_json(),
         "samples_seen": counters.samples_seen,
-        "model": model_state,
-        "towers": towers,
-        "optimizer": optim.optimizer.state_dict(),
+        **weights,
         "scheduler": optim.scheduler.state_dict(),
         "scaler": optim.scaler.state_dict() if optim.scaler is not None else None,
         "rng": ckpt.rng_state(),

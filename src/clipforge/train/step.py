@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from clipforge.distributed import unwrap
+from clipforge.train import fsdp
 
 
 def freeze_temperature(model: nn.Module) -> None:
@@ -37,12 +38,15 @@ def apply_update(
     after_update: Callable[[nn.Module], None] | None = None,
 ) -> UpdateResult:
     """Clip, check finiteness (agreed across ranks), step, zero the gradients, then ``after_update(bare model)``
-    (the objective's hook: CLIP clamps its logit scale)."""
+    (the objective's hook: CLIP clamps its logit scale). A sharded (FSDP) model's replicated parameters get their
+    gradients averaged over the ranks first."""
+    fsdp.sync_replicated_gradients(model)
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    clip = fsdp.clip_grad_norm if fsdp.is_sharded(model) else torch.nn.utils.clip_grad_norm_
+    grad_norm = clip(params, max_norm) if params else torch.zeros(())
     finite = torch.isfinite(loss).all() & torch.isfinite(grad_norm)
     if dist.is_available() and dist.is_initialized():
         flag = finite.to(torch.float32).reshape(1)
