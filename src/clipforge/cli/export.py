@@ -7,10 +7,12 @@ import time
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from clipforge.cli.use import loud_random_weights
     from clipforge.export.onnx import export_onnx
 
     start = time.perf_counter()
-    result = export_onnx(args.model, args.out, opset=args.opset, check_batch=args.batch_size_check)
+    with loud_random_weights():
+        result = export_onnx(args.model, args.out, opset=args.opset, check_batch=args.batch_size_check)
     manifest = result.manifest
     deltas = manifest["parity"]["max_abs_diff"]
     worst = {tower: max(values.values()) for tower, values in deltas.items()}
@@ -19,7 +21,8 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - start:.1f}s): image max |Δ| {worst['image']:.2e}, text {worst['text']:.2e} "
         f"against PyTorch (tolerance {manifest['parity']['tolerance']:g})"
     )
-    print(f"use it with: clipforge.export.runtime.OnnxCLIP('{result.folder}')")
+    print(f"use it with: clipforge embed|classify|search|index ... --model {result.folder} (onnxruntime), or "
+          f"clipforge.export.runtime.OnnxCLIP('{result.folder}')")  # fmt: skip
     return 0
 
 

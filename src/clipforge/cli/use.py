@@ -4,12 +4,13 @@ and texts. Parsing and printing only; the work is in :mod:`clipforge.inference` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +18,27 @@ from typing import Any
 def _load_model(spec: str, device: str | None, backend: str = "torch") -> Any:
     """The model, with the random-weights warning printed loudly on stderr (not as a Python warning line)."""
     from clipforge.device import resolve_device
-    from clipforge.inference import RandomWeightsWarning, load_model
+    from clipforge.inference import load_model
+
+    with loud_random_weights():
+        where = resolve_device(device) if backend == "torch" or device else None
+        return load_model(spec, device=where, backend=backend)
+
+
+@contextlib.contextmanager
+def loud_random_weights() -> Iterator[None]:
+    """Inside the block, a :class:`~clipforge.inference.RandomWeightsWarning` is printed as one ``WARNING:`` line
+    on stderr, not as a Python warning with its source line; other warnings pass through."""
+    from clipforge.inference import RandomWeightsWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
-        where = resolve_device(device) if backend == "torch" or device else None
-        model = load_model(spec, device=where, backend=backend)
+        yield
     for warning in caught:
         if issubclass(warning.category, RandomWeightsWarning):
             print(f"WARNING: {warning.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return model
 
 
 def _report_failures(failures: Sequence[Any], total: int, done: int, verb: str) -> None:
