@@ -71,6 +71,7 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
     """Prepare the data, train each model, evaluate, write the report; returns the path of ``report.md``."""
     from clipforge.demo_data import prepare
     from clipforge.eval.report import jsonable
+    from clipforge.files import atomic_write_text
 
     started = time.perf_counter()
     out = Path(settings.out_dir)
@@ -92,9 +93,9 @@ def run_demo(settings: DemoSettings = DemoSettings()) -> Path:
         results["models"][kind] = _train_and_evaluate(kind, data, sets, val, digits, settings, out)
     results["wall_time_s"] = time.perf_counter() - started
     _plot_curves(results["models"], out / "zeroshot_over_training.png")
-    (out / "report.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(jsonable(results), indent=2) + "\n")
     report = out / "report.md"
-    report.write_text(render_report(results))
+    atomic_write_text(report, render_report(results))
     return report
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.files import atomic_path
+from clipforge.files import atomic_write_text
 from clipforge.version import __version__
 
 RESULTS_JSON = "results.json"
@@ -39,15 +39,10 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
 def write_json(path: str | Path, record: Mapping[str, Any]) -> Path:
     """``record`` as indented JSON (made :func:`jsonable`), written atomically; returns ``path``."""
     path = Path(path)
-    _write_text(path, json.dumps(jsonable(record), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(record), indent=2) + "\n")
     return path
 
 
@@ -101,7 +96,7 @@ def write_results(
         "wall_time_s": wall_time_s,
     }
     path = write_json(out / RESULTS_JSON, record)
-    _write_text(out / RESULTS_MD, _markdown(record, tables))
+    atomic_write_text(out / RESULTS_MD, _markdown(record, tables))
     return path
 
 

@@ -24,6 +24,7 @@ import torch
 from clipforge.eval.hook import zero_shot_hook
 from clipforge.eval.zeroshot_set import ZeroShotSet
 from clipforge.eval.zeroshot_set import load_zero_shot_set as load_labelled_set
+from clipforge.files import atomic_write_text
 from clipforge.objectives import OBJECTIVES, get_objective
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train import HookContext, resolve_train_config, train
@@ -132,8 +133,8 @@ def resummarise(
 
 def _write(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", markdown(results))
     plot(results, out / "fig2.png")
 
 
